@@ -1,0 +1,879 @@
+"""Plumbing shared by the method scripts: arguments, datasets, GPU augmentation,
+backbones, cut-initialization, the lr schedule, checkpoints and the training loop.
+
+The methods themselves (heads, losses, stop-gradients, EMA, queues) live in their own
+scripts; nothing in this file knows what SimCLR or BYOL is.
+"""
+import argparse
+import dataclasses
+import datetime
+import gzip
+import json
+import math
+import os
+import pickle
+import random
+import struct
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+FORMAT = "normssl-1"  # marks checkpoints and run folders written by this project
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one sentence, exit status 2."""
+
+
+def cli(main):
+    """Run main(); a UsageError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch is in last.pt", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def arg(default, help, choices=None):
+    """A dataclass field whose help text becomes the --help line of its flag."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+DATASETS = ("cifar10", "cifar100", "cifar10-lt", "cifar100-lt", "fashionmnist", "fashionmnist-lt",
+            "tinyimagenet", "imagenet100", "flowers102", "synthetic")
+
+
+@dataclass
+class Args:
+    """Flags every method shares; each script subclasses this and changes defaults."""
+    dataset: str = arg("cifar10", "training data", DATASETS)
+    data_dir: str = arg("data", "where the dataset lives (or is downloaded to)")
+    download: bool = arg(False, "download the dataset with torchvision if it is missing (needs internet)")
+    subset: int = arg(0, "use only the first N train and N test images (0: all); for quick checks")
+    arch: str = arg("resnet18", "backbone", ("resnet18", "resnet50"))
+    epochs: int = arg(512, "training epochs (the embedding-norms paper trains 512)")
+    batch_size: int = arg(512, "images per step (each gives two views)")
+    accum: int = arg(1, "split each batch into this many accumulated micro-batches")
+    optimizer: str = arg("sgd", "optimizer", ("sgd", "adam", "adamw"))
+    lr: float = arg(0.3, "base learning rate per 256 images; the peak lr is lr * batch_size / 256")
+    wd: float = arg(1e-6, "weight decay")
+    momentum: float = arg(0.9, "SGD momentum")
+    warmup: int = arg(10, "epochs of linear lr warmup before the cosine decay")
+    cut: float = arg(1.0, "cut-initialization constant c: every initial weight is divided by c (1: off)")
+    power: float = arg(0.0, "GradScale power p: scale each embedding's gradient by ||z||^p (0: off)")
+    knn_every: int = arg(10, "evaluate k-NN top-1 every N epochs (and after the last); 0: only at the end")
+    save_every: int = arg(50, "keep a copy of the checkpoint as epoch<N>.pt every N epochs (0: never)")
+    seed: int = arg(0, "random seed (data order, augmentations, initialization)")
+    out: str = arg("", "run folder (default: runs/<method>-<dataset>-<timestamp>)")
+    resume: str = arg("", "continue a run from its checkpoint: a path to last.pt, or 'auto' with --out")
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+
+
+# Flags that may change when resuming without changing what is being trained.
+RESUME_SAFE = {"epochs", "knn_every", "save_every", "device", "data_dir", "download", "resume", "out"}
+
+
+def parse_args(cls, doc, argv=None):
+    """Build an argparse parser from a dataclass of flags and return a filled instance."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=meta.get("help"))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                choices=meta.get("choices"), help=meta.get("help"))
+    ns = parser.parse_args(argv)
+    args = cls(**vars(ns))
+    problem = validate(args)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def validate(args):
+    """Return a sentence describing the first invalid flag value, or None."""
+    checks = [
+        (args.cut > 0, f"--cut must be positive (got {args.cut}); use 1 to turn cut-initialization off"),
+        (args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs})"),
+        (args.batch_size > 0, f"--batch-size must be positive (got {args.batch_size})"),
+        (args.accum > 0 and args.batch_size % args.accum == 0,
+         f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}"),
+        (args.lr > 0, f"--lr must be positive (got {args.lr})"),
+        (args.wd >= 0, f"--wd must be >= 0 (got {args.wd})"),
+        (args.warmup >= 0, f"--warmup must be >= 0 (got {args.warmup})"),
+        (args.subset >= 0, f"--subset must be >= 0 (got {args.subset})"),
+        (args.knn_every >= 0 and args.save_every >= 0, "--knn-every and --save-every must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            return message
+    return None
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} was asked for but this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, plain fp32 on the CPU: one code path for both."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------- datasets
+
+@dataclass
+class Data:
+    """A dataset as uint8 images (N, 3, H, W) and int64 labels (N,)."""
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def size(self):
+        return self.train_x.shape[-1]
+
+    def to(self, device):
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device)
+                                            for k in ("train_x", "train_y", "test_x", "test_y")})
+
+
+# Long-tailed train splits (embedding-norms paper, Sec. 7): class i keeps int(n * base**-i).
+LONG_TAIL = {"cifar10-lt": 1.5, "cifar100-lt": 1.03365, "fashionmnist-lt": 1.5}
+
+
+def long_tail_indices(labels, base):
+    """Indices that keep the first int(n_max * base**-i) images of class i, in original order."""
+    labels = torch.as_tensor(labels)
+    n_max = int(torch.bincount(labels).max())
+    keep = []
+    for c in range(int(labels.max()) + 1):
+        idx = (labels == c).nonzero().flatten()
+        keep.append(idx[: int(n_max * base ** -c)])
+    return torch.cat(keep).sort().values
+
+
+def load_dataset(name, data_dir, download=False, subset=0):
+    """Load a dataset by name; any missing or malformed file raises UsageError."""
+    loaders = {"cifar10": _cifar, "cifar100": _cifar, "fashionmnist": _fashionmnist,
+               "tinyimagenet": _tinyimagenet, "imagenet100": _imagenet100, "flowers102": _flowers102,
+               "synthetic": _synthetic}
+    base = name[:-3] if name in LONG_TAIL else name
+    if base not in loaders:
+        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    (train_x, train_y), (test_x, test_y) = loaders[base](base, data_dir, download)
+    if name in LONG_TAIL:
+        keep = long_tail_indices(train_y, LONG_TAIL[name])
+        train_x, train_y = train_x[keep], train_y[keep]
+    if subset:
+        train_x, train_y, test_x, test_y = train_x[:subset], train_y[:subset], test_x[:subset], test_y[:subset]
+    return Data(name, train_x.contiguous(), train_y.long(), test_x.contiguous(), test_y.long(),
+                num_classes=int(max(train_y.max(), test_y.max())) + 1)
+
+
+def _missing(what, path, how):
+    return UsageError(f"{what} not found in {path}; {how}")
+
+
+def _cifar(name, data_dir, download):
+    folder, train_files, test_files, key = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+        "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+    }[name]
+    root = os.path.join(data_dir, folder)
+    if download and not os.path.isdir(root):
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        cls(data_dir, download=True)
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.exists(path):
+                raise _missing(f"{name} file {f}", root,
+                               f"pass --download, or put the extracted '{folder}' folder under --data-dir")
+            try:
+                with open(path, "rb") as fh:
+                    batch = pickle.load(fh, encoding="latin1")
+                xs.append(torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
+                ys.append(torch.tensor(batch[key]))
+            except Exception as e:
+                raise UsageError(f"{path} is not a valid {name} batch file ({type(e).__name__}); "
+                                 "delete it and download again")
+        return torch.cat(xs), torch.cat(ys)
+
+    return read(train_files), read(test_files)
+
+
+def read_idx(path):
+    """Read an idx file (the MNIST format), gzipped or not, as a uint8 tensor."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+        dims = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
+        if zero != 0 or dtype != 0x08 or len(raw) != 4 + 4 * ndim + math.prod(dims):
+            raise ValueError("bad header or length")
+    except (OSError, EOFError, ValueError, struct.error) as e:
+        raise UsageError(f"{path} is not a valid idx file ({e}); delete it and fetch it again")
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
+
+
+def _fashionmnist(name, data_dir, download):
+    # Accept the idx files directly in data_dir (e.g. Debian's /usr/share/datasets/fashion-mnist)
+    # or in torchvision's layout data_dir/FashionMNIST/raw.
+    folders = [data_dir, os.path.join(data_dir, "FashionMNIST", "raw")]
+    if download and not any(os.path.exists(os.path.join(d, "train-images-idx3-ubyte.gz")) for d in folders):
+        torchvision.datasets.FashionMNIST(data_dir, download=True)
+
+    def find(stem):
+        for d in folders:
+            for suffix in ("", ".gz"):
+                if os.path.exists(os.path.join(d, stem + suffix)):
+                    return os.path.join(d, stem + suffix)
+        raise _missing(f"Fashion-MNIST file {stem}", " or ".join(folders),
+                       "install it with 'apt-get install dataset-fashion-mnist' and pass "
+                       "--data-dir /usr/share/datasets/fashion-mnist, or pass --download")
+
+    def images(stem):
+        x = read_idx(find(stem))  # (N, 28, 28)
+        # Pad 28 -> 32 so the CIFAR pipeline applies unchanged; grey -> 3 channels.
+        return F.pad(x, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1)
+
+    return ((images("train-images-idx3-ubyte"), read_idx(find("train-labels-idx1-ubyte"))),
+            (images("t10k-images-idx3-ubyte"), read_idx(find("t10k-labels-idx1-ubyte"))))
+
+
+def _load_images(paths, size):
+    """Decode image files in parallel, resize the short side to `size` and centre-crop a square."""
+    from PIL import Image
+
+    def one(path):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        return torch.stack(list(pool.map(one, paths))) if paths else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+
+
+def _cached(cache_path, build):
+    """Decode a folder dataset once and keep it as a uint8 tensor file next to the data."""
+    if os.path.exists(cache_path):
+        try:
+            d = torch.load(cache_path, weights_only=True)
+            return (d["train_x"], d["train_y"]), (d["test_x"], d["test_y"])
+        except Exception:
+            print(f"warning: ignoring unreadable cache {cache_path}; decoding the images again", file=sys.stderr)
+    (train_x, train_y), (test_x, test_y) = build()
+    try:
+        save_atomic(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y), cache_path)
+    except OSError as e:
+        print(f"warning: could not write the cache {cache_path} ({e}); decoding again next time", file=sys.stderr)
+    return (train_x, train_y), (test_x, test_y)
+
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+
+
+def _class_folders(root, classes=None):
+    """Paths and labels of root/<class>/**/<image>; classes sorted by name unless given."""
+    classes = classes or sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    paths, labels = [], []
+    for label, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
+            for f in sorted(files):
+                if f.endswith(IMAGE_EXT):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(label)
+    return paths, torch.tensor(labels, dtype=torch.long), classes
+
+
+def _tinyimagenet(name, data_dir, download):
+    root = data_dir if os.path.exists(os.path.join(data_dir, "wnids.txt")) else os.path.join(data_dir, "tiny-imagenet-200")
+    how = "download tiny-imagenet-200.zip from the CS231n site and unzip it under --data-dir"
+    for need in ("wnids.txt", "train", os.path.join("val", "val_annotations.txt")):
+        if not os.path.exists(os.path.join(root, need)):
+            raise _missing(f"Tiny-ImageNet '{need}'", root, how)
+
+    def build():
+        with open(os.path.join(root, "wnids.txt")) as fh:
+            wnids = sorted(line.strip() for line in fh if line.strip())
+        train_paths, train_y, _ = _class_folders(os.path.join(root, "train"), wnids)
+        index = {w: i for i, w in enumerate(wnids)}
+        val_paths, val_y = [], []
+        with open(os.path.join(root, "val", "val_annotations.txt")) as fh:
+            for line in fh:
+                parts = line.split("\t")
+                if len(parts) < 2 or parts[1] not in index:
+                    raise UsageError(f"malformed line in {root}/val/val_annotations.txt: {line.strip()!r}")
+                val_paths.append(os.path.join(root, "val", "images", parts[0]))
+                val_y.append(index[parts[1]])
+        return ((_load_images(train_paths, 64), train_y),
+                (_load_images(val_paths, 64), torch.tensor(val_y, dtype=torch.long)))
+
+    return _cached(os.path.join(root, "normssl_cache_64.pt"), build)
+
+
+def _imagenet100(name, data_dir, download):
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_dir, split)):
+            raise _missing(f"ImageNet-100 folder '{split}'", data_dir,
+                           "arrange the 100 classes as <data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG")
+
+    def build():
+        train_paths, train_y, classes = _class_folders(os.path.join(data_dir, "train"))
+        val_paths, val_y, _ = _class_folders(os.path.join(data_dir, "val"), classes)
+        print(f"decoding {len(train_paths) + len(val_paths)} ImageNet-100 images once to 128 px...", file=sys.stderr)
+        return (_load_images(train_paths, 128), train_y), (_load_images(val_paths, 128), val_y)
+
+    return _cached(os.path.join(data_dir, "normssl_cache_128.pt"), build)
+
+
+def _flowers102(name, data_dir, download):
+    root = data_dir if os.path.exists(os.path.join(data_dir, "setid.mat")) else os.path.join(data_dir, "flowers-102")
+    if download and not os.path.exists(os.path.join(root, "setid.mat")):
+        torchvision.datasets.Flowers102(data_dir, download=True)
+    for need in ("jpg", "imagelabels.mat", "setid.mat"):
+        if not os.path.exists(os.path.join(root, need)):
+            raise _missing(f"Flowers-102 '{need}'", root, "pass --download, or unpack 102flowers.tgz, "
+                           "imagelabels.mat and setid.mat into <data-dir>/flowers-102")
+    try:
+        from scipy.io import loadmat  # .mat files need scipy; it is optional for everything else
+    except ImportError:
+        raise UsageError("flowers102 needs scipy to read its .mat label files; run 'pip install scipy'")
+
+    def build():
+        labels = torch.tensor(loadmat(os.path.join(root, "imagelabels.mat"))["labels"].flatten() - 1)
+        ids = loadmat(os.path.join(root, "setid.mat"))
+        # The paper trains on the 6,149-image 'test' split (long-tailed) and evaluates on 'val'.
+        split = {k: torch.tensor(ids[k].flatten().astype(np.int64)) for k in ("tstid", "valid")}
+
+        def images(idx):
+            return _load_images([os.path.join(root, "jpg", f"image_{i:05d}.jpg") for i in idx.tolist()], 128)
+
+        return ((images(split["tstid"]), labels[split["tstid"] - 1].long()),
+                (images(split["valid"]), labels[split["valid"] - 1].long()))
+
+    return _cached(os.path.join(root, "normssl_cache_128.pt"), build)
+
+
+def _synthetic(name, data_dir, download, n_train=256, n_test=128, classes=4, size=16):
+    """Tiny images for tests and smoke runs: each class has its own colour and stripe
+    orientation. 16 px keeps a ResNet-18 step on a CPU well under a second."""
+    g = torch.Generator().manual_seed(1234)
+    colours = torch.rand(classes, 3, 1, 1, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+
+    def make(n):
+        y = torch.arange(n) % classes
+        angle = y.float() * math.pi / classes
+        stripes = torch.sin((xx * torch.cos(angle)[:, None, None] + yy * torch.sin(angle)[:, None, None]) * 0.8)
+        img = colours[y] * (0.6 + 0.4 * stripes[:, None]) + 0.15 * torch.randn(n, 3, size, size, generator=g)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    return make(n_train), make(n_test)
+
+
+def channel_stats(x):
+    """Per-channel mean and std of uint8 images (N, 3, H, W) in [0, 1], from up to 10k images."""
+    x = x[:10000].float() / 255
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+def normalize(x, mean, std):
+    """uint8 (B, 3, H, W) -> float, standardized per channel, no augmentation."""
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+# ----------------------------------------------------------------------------- augmentation
+# Everything below works on a whole batch at once on the data's device, with one random
+# draw per image: no DataLoader, no CPU workers, no Python loop over samples. Each op
+# follows the semantics of torchvision's transform of the same name (tests compare them).
+
+GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision uses
+
+
+def sample_crops(n, height, width, scale, ratio, device):
+    """Per-image RandomResizedCrop boxes (top, left, h, w), each (n,), torchvision's algorithm:
+    up to 10 tries of a random area fraction and log-uniform aspect ratio, else a centre crop."""
+    tries = 10
+    area = height * width * torch.empty(n, tries, device=device).uniform_(*scale)
+    log_r = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.float().argmax(dim=1, keepdim=True)  # index of the first try that fits
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # Fallback when no try fits: the whole image, clipped to the allowed aspect range.
+    in_ratio = width / height
+    fw, fh = (width, round(width / ratio[0])) if in_ratio < ratio[0] else \
+        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height)
+    found = ok.any(dim=1)
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    top = torch.floor(torch.rand(n, device=device) * (height - h + 1))
+    left = torch.floor(torch.rand(n, device=device) * (width - w + 1))
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return top, left, h, w
+
+
+def resized_crop(x, top, left, h, w, size, flip=None):
+    """Crop box i of image i (all (B,) tensors) and resize it bilinearly to size x size;
+    mirror horizontally where flip is True. x: float (B, C, H, W)."""
+    B, C, H, W = x.shape
+    steps = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size  # output pixel centres
+    # Source coordinates in pixels, as torchvision's resize computes them (half-pixel
+    # centres), clamped to the crop so its edge pixels repeat instead of its neighbours.
+    xs = (left[:, None] + steps * w[:, None] - 0.5).clamp(min=left[:, None], max=(left + w - 1)[:, None])  # (B, S)
+    ys = (top[:, None] + steps * h[:, None] - 0.5).clamp(min=top[:, None], max=(top + h - 1)[:, None])
+    if flip is not None:
+        xs = torch.where(flip[:, None], xs.flip(1), xs)
+    # grid_sample wants coordinates in [-1, 1] with pixel centres at (2i + 1) / n - 1.
+    gx = ((2 * xs + 1) / W - 1)[:, None, :].expand(B, size, size)
+    gy = ((2 * ys + 1) / H - 1)[:, :, None].expand(B, size, size)
+    grid = torch.stack([gx, gy], dim=-1)  # (B, S, S, 2), x first
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grey(x):
+    """Luma of (B, 3, H, W) as (B, 1, H, W)."""
+    return GREY[0] * x[:, 0:1] + GREY[1] * x[:, 1:2] + GREY[2] * x[:, 2:3]
+
+
+def adjust_brightness(x, f):  # f: (B, 1, 1, 1); blend with black
+    return (x * f).clamp(0, 1)
+
+
+def adjust_contrast(x, f):  # blend with the image's mean grey level
+    mean = grey(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, f):  # blend with the grey image
+    return (f * x + (1 - f) * grey(x)).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate hue by shift (B, 1, 1, 1), in turns, through RGB -> HSV -> RGB."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(dim=1).values, x.min(dim=1).values
+    span = maxc - minc
+    flat = span == 0
+    safe = torch.where(flat, torch.ones_like(span), span)
+    s = span / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    # Hue in sixths of a turn, measured from the dominant channel.
+    h = torch.where(maxc == r, (g - b) / safe,
+                    torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(flat, torch.zeros_like(h), h)
+    h = torch.remainder(h / 6 + shift.view(-1, 1, 1), 1.0)
+    v = maxc
+    # Back to RGB: the standard sextant formulas.
+    h6 = h * 6
+    i = torch.floor(h6).long() % 6
+    frac = h6 - torch.floor(h6)
+    p, q, t = v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))
+    table = torch.stack([torch.stack(c, 1) for c in
+                         [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]], 1)  # (B, 6, 3, H, W)
+    return table.gather(1, i[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Blur image i with its own sigma[i]; separable kernel, reflect padding, as torchvision."""
+    B, C, H, W = x.shape
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, k)
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k.view(B * C, 1, 1, kernel_size), groups=B * C)
+    y = F.conv2d(y, k.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def solarize(x, threshold=0.5):
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+@dataclass
+class Augment:
+    """One view's augmentation recipe, applied to a uint8 batch on its own device.
+
+    Defaults are the SimCLR/SimSiam CIFAR recipe (SimSiam paper, Sec. A: crop scale
+    0.2-1, jitter 0.4/0.4/0.4/0.1 with p=0.8, greyscale p=0.2); blur is only used for
+    images of 64 px and more, as in the CIFAR experiments of those papers."""
+    size: int
+    mean: tuple
+    std: tuple
+    scale: tuple = (0.2, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grey_p: float = 0.2
+    blur_p: float = 0.5
+    solarize_p: float = 0.0
+
+    def __call__(self, x):
+        B, dev = x.shape[0], x.device
+        u = lambda: torch.rand(B, 1, 1, 1, device=dev)  # one draw per image
+        top, left, h, w = sample_crops(B, x.shape[2], x.shape[3], self.scale, self.ratio, dev)
+        x = resized_crop(x.float() / 255, top, left, h, w, self.size, torch.rand(B, device=dev) < self.flip_p)
+        x = self.color_jitter(x, u() < self.jitter_p)
+        x = torch.where(u() < self.grey_p, grey(x).expand(-1, 3, -1, -1), x)
+        if self.blur_p > 0 and self.size >= 64:
+            kernel = int(0.1 * self.size) // 2 * 2 + 1  # 10% of the image, odd (SimCLR, App. A)
+            sigma = torch.empty(B, device=dev).uniform_(0.1, 2.0)
+            x = torch.where(u() < self.blur_p, gaussian_blur(x, sigma, kernel), x)
+        if self.solarize_p > 0:
+            x = torch.where(u() < self.solarize_p, solarize(x), x)
+        x = (x - torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+        return x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
+
+    def color_jitter(self, x, apply):
+        """torchvision's ColorJitter with its own factors and op order for every image;
+        images with apply=False get identity factors and pass through unchanged."""
+        B, dev = x.shape[0], x.device
+        u = lambda lo, hi: torch.empty(B, 1, 1, 1, device=dev).uniform_(lo, hi)
+        bri, con, sat, hue = self.jitter
+        factors = [torch.where(apply, u(1 - s, 1 + s), 1.0) for s in (bri, con, sat)]
+        factors.append(torch.where(apply, u(-hue, hue), 0.0))
+        order = torch.rand(B, 4, device=dev).argsort(dim=1)  # a random permutation per image
+        return apply_jitter(x, *factors, order, apply)
+
+
+def apply_jitter(x, fb, fc, fs, fh, order, apply=None):
+    """Brightness (op 0), contrast (1), saturation (2) and hue (3) with per-image factors
+    (B, 1, 1, 1), image i running them in the order order[i] (B, 4)."""
+    B = x.shape[0]
+    apply = torch.ones(B, 1, 1, 1, dtype=torch.bool, device=x.device) if apply is None else apply
+    for k in range(4):
+        op = order[:, k].view(B, 1, 1, 1)
+        # Stage k runs, for each image, the op it drew for position k; the other three ops
+        # get identity factors (exact no-ops), so no image is indexed out of the batch.
+        x = adjust_brightness(x, torch.where(op == 0, fb, 1.0))
+        x = adjust_contrast(x, torch.where(op == 1, fc, 1.0))
+        x = adjust_saturation(x, torch.where(op == 2, fs, 1.0))
+        x = torch.where((op == 3) & apply, adjust_hue(x, fh), x)
+    return x
+
+
+# ----------------------------------------------------------------------------- networks
+
+def make_backbone(arch, img_size):
+    """A torchvision ResNet without its fc layer; returns (module, feature dim).
+    Images of 64 px or less get the CIFAR stem: a 3x3 stride-1 conv and no max-pool,
+    so a 32 px image is not shrunk to 8 px before the first block."""
+    if arch not in ("resnet18", "resnet50"):
+        raise UsageError(f"unknown --arch {arch!r}; choose resnet18 or resnet50")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if img_size <= 64:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+@torch.no_grad()
+def cut_init(model, c):
+    """Divide every parameter of model by c, once, at initialization (embedding-norms
+    paper, Sec. 6 "Cut-Initialization"): smaller weights give smaller embeddings, and the
+    cosine-similarity gradient is larger for small embeddings, so learning starts faster."""
+    if c != 1:
+        for p in model.parameters():
+            p.div_(c)
+    return model
+
+
+def features(model, x, space="backbone"):
+    """Embed a normalized batch in one of the spaces a method exposes: backbone (h),
+    projector (z) or predictor (p). Models name their parts backbone/projector/predictor."""
+    h = model.backbone(x)
+    if space == "backbone":
+        return h
+    z = model.projector(h)
+    if space == "projector":
+        return z
+    if getattr(model, "predictor", None) is None:
+        raise UsageError("this model has no predictor; use --space backbone or projector")
+    return model.predictor(z)
+
+
+def embedding_stats(z, h):
+    """Per-step diagnostics as 0-d tensors (no host sync): the norm of the embedding the
+    loss sees (z), the backbone-feature norm (h) and the SimSiam paper's collapse monitor,
+    the per-dimension std of the l2-normalized embedding (~1/sqrt(D) healthy, 0 collapsed)."""
+    z, h = z.detach().float(), h.detach().float()
+    norm = z.norm(dim=1)
+    return {"emb_norm_mean": norm.mean(), "emb_norm_std": norm.std(),
+            "feat_norm_mean": h.norm(dim=1).mean(),
+            "collapse_std": F.normalize(z, dim=1).std(dim=0).mean()}
+
+
+# ----------------------------------------------------------------------------- optimization
+
+def make_optimizer(args, groups, device):
+    """SGD (momentum) / Adam / AdamW over param groups; a group may carry fixed_lr=True."""
+    lr = args.lr * args.batch_size / 256  # linear scaling rule (Goyal et al. 2017)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.wd,
+                               nesterov=getattr(args, "nesterov", False), **fused)
+    cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=lr, weight_decay=args.wd, **fused)
+
+
+def lr_factor(step, total, warmup):
+    """Linear warmup over `warmup` steps, then cosine decay to 0 at `total`; per iteration."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer, factor):
+    for g in optimizer.param_groups:
+        g.setdefault("peak_lr", g["lr"])
+        # SimSiam keeps the predictor's lr fixed ("fix-pred-lr"); the rest follows the schedule.
+        g["lr"] = g["peak_lr"] if g.get("fixed_lr") else g["peak_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a kill mid-write
+    leaves the previous file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by this project, tensors only (weights_only=True): a file
+    that carries pickled code is refused, never executed."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported" in str(e) or "GLOBAL" in str(e):
+            raise UsageError(f"{path} contains pickled code or objects other than tensors; refusing to load it")
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?)")
+    except Exception:
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?)")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UsageError(f"{path} was not written by normssl (no '{FORMAT}' marker)")
+    return ckpt
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+             "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- runs
+
+@dataclass
+class Run:
+    """What a method script needs to train: its args, device, data and run folder."""
+    method: str
+    args: Args
+    device: torch.device
+    data: Data
+    mean: list
+    std: list
+    folder: str
+    ckpt: dict = None  # the checkpoint being resumed, if any
+
+    def augment(self, **recipe):
+        return Augment(self.data.size, tuple(self.mean), tuple(self.std), **recipe)
+
+
+def setup(method, args):
+    """Seed, pick the device, load the data onto it and create (or reopen) the run folder."""
+    ckpt = None
+    if args.resume:
+        path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
+        if args.resume == "auto" and not args.out:
+            raise UsageError("--resume auto needs --out pointing at the run folder to continue")
+        ckpt = load_checkpoint(path)
+        if ckpt["method"] != method:
+            raise UsageError(f"{path} is a {ckpt['method']} checkpoint; resume it with {ckpt['method']}.py")
+        args = merge_resume_args(ckpt["args"], args)
+        folder = os.path.dirname(os.path.abspath(path))
+    else:
+        folder = args.out or os.path.join(
+            "runs", f"{method}-{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        if os.path.exists(folder) and os.listdir(folder):
+            raise UsageError(f"output folder {folder} already exists and is not empty; pass --resume auto "
+                             f"--out {folder} to continue it, or choose another --out")
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    data = load_dataset(args.dataset, args.data_dir, args.download, args.subset)
+    if args.batch_size > len(data.train_x):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training images")
+    mean, std = ckpt["data_stats"] if ckpt else channel_stats(data.train_x)
+    os.makedirs(folder, exist_ok=True)
+    if not ckpt:
+        with open(os.path.join(folder, "args.json"), "w") as fh:
+            json.dump({"format": FORMAT, "method": method, "args": dataclasses.asdict(args)}, fh, indent=1)
+    return Run(method, args, device, data.to(device), mean, std, folder, ckpt)
+
+
+def merge_resume_args(saved, new):
+    """The saved args, with the resume-safe flags the user set on this command line."""
+    changed = {k: v for k, v in dataclasses.asdict(new).items()
+               if k in RESUME_SAFE and v != type(new)().__getattribute__(k)}
+    conflicts = [k for k, v in dataclasses.asdict(new).items()
+                 if k not in RESUME_SAFE and k in saved and v != saved[k] and v != getattr(type(new)(), k)]
+    if conflicts:
+        raise UsageError(f"cannot resume with different {', '.join('--' + c.replace('_', '-') for c in conflicts)}: "
+                         "these define the method; start a new run instead")
+    merged = type(new)(**{**saved, **changed})
+    for k, v in changed.items():
+        if k not in ("resume", "out") and saved.get(k) != v:
+            print(f"resuming with --{k.replace('_', '-')} {v} (was {saved.get(k)})", file=sys.stderr)
+    return merged
+
+
+def train(run, model, training_step, groups, views):
+    """The loop shared by every method.
+
+    training_step(model, x1, x2, args, progress) -> (loss, stats) runs the method on two
+    views made by the two Augment recipes in `views`; progress in [0, 1) is the fraction
+    of training done, for schedules such as BYOL's EMA. stats are 0-d tensors, summed on the device and read once per
+    epoch, so the loop itself never waits for the GPU.
+    """
+    from eval_knn import knn_eval  # eval_knn imports this module, so import it late
+
+    args, device, data = run.args, run.device, run.data
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(args, groups, device)
+    steps_per_epoch = len(data.train_x) // args.batch_size
+    total = args.epochs * steps_per_epoch
+    warmup = args.warmup * steps_per_epoch
+    start_epoch = 0
+    if run.ckpt:
+        model.load_state_dict(run.ckpt["model"])
+        optimizer.load_state_dict(run.ckpt["optimizer"])
+        start_epoch = run.ckpt["epoch"]
+        set_rng_state(run.ckpt["rng"])
+    micro = args.batch_size // args.accum
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        t0 = time.time()
+        # The data order depends only on (seed, epoch), so a resumed run sees the same order.
+        perm = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+        perm = perm.to(device)
+        sums = {}
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   disable=None, dynamic_ncols=True)
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            lr = set_lr(optimizer, lr_factor(step, total, warmup))
+            optimizer.zero_grad(set_to_none=True)
+            for a in range(args.accum):
+                idx = perm[i * args.batch_size + a * micro: i * args.batch_size + (a + 1) * micro]
+                x = data.train_x[idx]
+                x1, x2 = views[0](x), views[1](x)
+                with autocast(device):
+                    loss, stats = training_step(model, x1, x2, args, step / max(1, total))
+                (loss / args.accum).backward()
+                stats = {"loss": loss.detach().float(), **stats}
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0) + v.float() / args.accum
+            optimizer.step()
+            if not bar.disable and i % 10 == 0:
+                bar.set_postfix(loss=f"{stats['loss'].item():.4f}", norm=f"{stats['emb_norm_mean'].item():.3f}")
+        bar.close()
+        metrics = {k: v.item() / max(1, steps_per_epoch) for k, v in sums.items()}
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            raise UsageError(f"the loss became {metrics['loss']} in epoch {epoch + 1}; the lr is probably too "
+                             "high for this setting (GradScale, cut-init and large weight decay all change the "
+                             "step size); last.pt keeps the last good epoch")
+        seconds = time.time() - t0
+        last = epoch + 1 == args.epochs
+        knn = None
+        if last or (args.knn_every and (epoch + 1) % args.knn_every == 0):
+            knn = knn_eval(model, data, run.mean, run.std)
+        line = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr, **metrics, "knn_top1": knn,
+                "epoch_seconds": round(seconds, 3),
+                "images_per_second": round(steps_per_epoch * args.batch_size / seconds, 1)}
+        with open(os.path.join(run.folder, "metrics.jsonl"), "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()), flush=True)
+        ckpt = {"format": FORMAT, "method": run.method, "args": dataclasses.asdict(args), "epoch": epoch + 1,
+                "step": (epoch + 1) * steps_per_epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": rng_state(), "data_stats": [run.mean, run.std],
+                "num_classes": data.num_classes, "img_size": data.size, "metrics": line}
+        save_atomic(ckpt, os.path.join(run.folder, "last.pt"))
+        if args.save_every and (epoch + 1) % args.save_every == 0:
+            save_atomic(ckpt, os.path.join(run.folder, f"epoch{epoch + 1}.pt"))
+    return model

@@ -1,0 +1,88 @@
+"""SimCLR: "A Simple Framework for Contrastive Learning of Visual Representations"
+(Chen, Kornblith, Norouzi & Hinton, 2020, arXiv 2002.05709), as trained in
+"On the Importance of Embedding Norms in Self-Supervised Learning" (Draganov et al., 2025).
+
+Two augmented views of each image should embed close together and far from the other
+2B - 2 views of the batch: InfoNCE on cosine similarities. Because the loss only sees
+directions, the embedding norm ||z|| grows during training and slows it down; --cut
+(cut-initialization) and --power (GradScale) counter that.
+
+    python simclr.py --dataset cifar10 --cut 3
+    python simclr.py --dataset fashionmnist --data-dir /usr/share/datasets/fashion-mnist --epochs 50 --cut 3
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+from common import arg
+from gradscale import gradscale
+
+
+@dataclass
+class Args(common.Args):
+    """SimCLR flags; defaults follow the embedding-norms paper's SimCLR setting."""
+    lr: float = arg(0.3, "base lr per 256 images (0.6 at batch 512), SGD momentum 0.9")
+    wd: float = arg(1e-6, "weight decay (SimCLR paper's 1e-6; the norms paper also sweeps 5e-4)")
+    temperature: float = arg(0.5, "InfoNCE temperature tau (SimCLR paper, CIFAR-10 setting)")
+    proj_dim: int = arg(128, "projector output dimension (SimCLR paper)")
+
+
+# ----------------------------------------------------------------------------- model
+
+class SimCLR(nn.Module):
+    """Backbone f and a 2-layer MLP projector g without BN: h = f(x), z = g(h)."""
+
+    def __init__(self, arch, img_size, proj_dim):
+        super().__init__()
+        self.backbone, dim = common.make_backbone(arch, img_size)
+        self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+
+    def forward(self, x):
+        h = self.backbone(x)  # (B, 512) for ResNet-18
+        return h, self.projector(h)  # (B, proj_dim)
+
+
+def build_model(args, img_size):
+    """The network as initialized for training (eval_knn.py rebuilds it from a checkpoint's args)."""
+    return common.cut_init(SimCLR(args.arch, img_size, args.proj_dim), args.cut)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def info_nce(z1, z2, temperature):
+    """NT-Xent over 2B views: for each view the other view of its image is the positive,
+    the remaining 2B - 2 views are negatives. z1, z2: (B, D), not yet normalized."""
+    B = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, D): only directions enter the loss
+    logits = z @ z.T / temperature  # (2B, 2B) cosine similarities / tau
+    self_mask = torch.eye(2 * B, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))  # a view is not its own negative
+    positive = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)  # view i <-> i +- B
+    return F.cross_entropy(logits, positive)
+
+
+# ----------------------------------------------------------------------------- training step
+
+def training_step(model, x1, x2, args, progress):
+    h1, z1 = model(x1)
+    h2, z2 = model(x2)
+    # GradScale sits right before the loss normalizes z: identity forward, and each
+    # sample's gradient times ||z||^power backward (power=0: plain SimCLR).
+    z1, z2 = gradscale(z1, args.power), gradscale(z2, args.power)
+    loss = info_nce(z1, z2, args.temperature)
+    return loss, common.embedding_stats(torch.cat([z1, z2]), torch.cat([h1, h2]))
+
+
+def main(argv=None):
+    args = common.parse_args(Args, __doc__, argv)
+    run = common.setup("simclr", args)
+    model = build_model(run.args, run.data.size)
+    view = run.augment()  # SimCLR uses one recipe for both views
+    common.train(run, model, training_step, [{"params": model.parameters()}], views=(view, view))
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -63,7 +63,7 @@ class Args:
     data_dir: str = arg("data", "where the dataset lives (or is downloaded to)")
     download: bool = arg(False, "download the dataset with torchvision if it is missing (needs internet)")
     subset: int = arg(0, "use only the first N train and N test images (0: all); for quick checks")
-    arch: str = arg("resnet18", "backbone", ("resnet18", "resnet50"))
+    arch: str = arg("resnet18", "backbone", ("resnet18", "resnet50", "vit_tiny", "vit_small"))
     epochs: int = arg(512, "training epochs (the embedding-norms paper trains 512)")
     batch_size: int = arg(512, "images per step (each gives two views)")
     accum: int = arg(1, "split each batch into this many accumulated micro-batches")
@@ -224,6 +224,8 @@ def _cifar(name, data_dir, download):
             try:
                 with open(path, "rb") as fh:
                     batch = pickle.load(fh, encoding="latin1")
+                # The keys are bytes or str depending on how the pickle is decoded.
+                batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
                 xs.append(torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
                 ys.append(torch.tensor(batch[key]))
             except Exception as e:
@@ -602,11 +604,25 @@ def apply_jitter(x, fb, fc, fs, fh, order, apply=None):
 # ----------------------------------------------------------------------------- networks
 
 def make_backbone(arch, img_size):
-    """A torchvision ResNet without its fc layer; returns (module, feature dim).
-    Images of 64 px or less get the CIFAR stem: a 3x3 stride-1 conv and no max-pool,
-    so a 32 px image is not shrunk to 8 px before the first block."""
+    """A torchvision ResNet without its fc layer, or a ViT without its head (it then returns
+    the class token's features); returns (module, feature dim).
+    ResNets on images of 64 px or less get the CIFAR stem: a 3x3 stride-1 conv and no
+    max-pool, so a 32 px image is not shrunk to 8 px before the first block. ViTs use
+    patch 4 there (a 32 px image is 8x8 tokens, 16 px is 4x4) and ViT's patch 16 above."""
+    # (width, heads); both 12 blocks deep with MLP width 4x (DeiT, Touvron et al. 2021, Table 1).
+    vits = {"vit_tiny": (192, 3), "vit_small": (384, 6)}
+    if arch in vits:
+        width, heads = vits[arch]
+        patch = 4 if img_size <= 64 else 16
+        if img_size % patch:
+            raise UsageError(f"--arch {arch} needs an image size divisible by its patch size {patch} "
+                             f"(got {img_size} px); use a ResNet for this dataset")
+        net = torchvision.models.VisionTransformer(img_size, patch, num_layers=12, num_heads=heads,
+                                                   hidden_dim=width, mlp_dim=4 * width)
+        net.heads = nn.Identity()  # forward() then ends at the class token: (B, width)
+        return net, width
     if arch not in ("resnet18", "resnet50"):
-        raise UsageError(f"unknown --arch {arch!r}; choose resnet18 or resnet50")
+        raise UsageError(f"unknown --arch {arch!r}; choose resnet18, resnet50, vit_tiny or vit_small")
     net = getattr(torchvision.models, arch)(weights=None)
     if img_size <= 64:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -706,7 +722,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported" in str(e) or "GLOBAL" in str(e):
+        if "GLOBAL" in str(e):  # the pickle names a function or class to import and call
             raise UsageError(f"{path} contains pickled code or objects other than tensors; refusing to load it")
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt?)")
     except Exception:

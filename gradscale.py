@@ -30,9 +30,10 @@ class GradScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
-        # Norm in float32 even under bf16 autocast; cast back so dtypes are unchanged.
-        scale = z.float().norm(dim=-1, keepdim=True).pow(ctx.power)  # (B, 1)
-        return (grad.float() * scale).to(grad.dtype), None
+        # At least float32 even under bf16 autocast; cast back so dtypes are unchanged.
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        scale = z.to(dtype).norm(dim=-1, keepdim=True).pow(ctx.power)  # (B, 1)
+        return (grad.to(dtype) * scale).to(grad.dtype), None
 
 
 def gradscale(z, power=1.0):

@@ -1,0 +1,158 @@
+"""Plumbing: cut-init, schedule, optimizer, checkpoints, k-NN, argument checks."""
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import common
+import simclr
+from eval_knn import knn_predict, norm_summary
+
+
+def test_cut_init_divides_every_parameter_and_shrinks_outputs():
+    torch.manual_seed(0)
+    model = simclr.SimCLR("resnet18", 16, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    _, z_before = model(x)
+    common.cut_init(model, 4.0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, before[name] / 4.0, rtol=0, atol=0)
+    for name, b in model.named_buffers():  # BN running statistics are not weights
+        assert torch.equal(b, before[name])
+    _, z_after = model(x)
+    assert (z_after.norm(dim=1) < z_before.norm(dim=1) / 4).all()
+
+
+def test_cut_init_scales_a_linear_network_exactly():
+    net = nn.Sequential(nn.Linear(5, 5, bias=False), nn.Linear(5, 3, bias=False))
+    x = torch.randn(2, 5)
+    y = net(x)
+    common.cut_init(net, 3.0)
+    torch.testing.assert_close(net(x), y / 9.0)  # two layers, each divided by 3
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warmup = 100, 10
+    f = [common.lr_factor(s, total, warmup) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:10], f[1:10]))
+    assert f[10] == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.5)  # halfway through the cosine part
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def test_lr_scaling_and_fixed_groups():
+    args = common.Args(lr=0.3, batch_size=512, optimizer="sgd")
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = common.make_optimizer(args, [{"params": a.parameters()}, {"params": b.parameters(), "fixed_lr": True}],
+                                torch.device("cpu"))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.6)  # 0.3 * 512 / 256
+    common.set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.15) and opt.param_groups[1]["lr"] == pytest.approx(0.6)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = nn.Linear(3, 2)
+    ckpt = {"format": common.FORMAT, "method": "simclr", "model": model.state_dict(), "rng": common.rng_state()}
+    path = str(tmp_path / "last.pt")
+    common.save_atomic(ckpt, path)
+    loaded = common.load_checkpoint(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded["model"][k], v)
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+    common.set_rng_state(loaded["rng"])
+    a = torch.rand(3)
+    common.set_rng_state(loaded["rng"])
+    assert torch.equal(a, torch.rand(3))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"format": common.FORMAT, "payload": Evil()}, path)
+    with pytest.raises(common.UsageError, match="pickled code"):
+        common.load_checkpoint(path)
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
+    good = str(tmp_path / "good.pt")
+    common.save_atomic({"format": common.FORMAT, "w": torch.randn(100)}, good)
+    data = open(good, "rb").read()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(common.UsageError, match="truncated or corrupt"):
+        common.load_checkpoint(str(bad))
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(common.UsageError, match="not written by normssl"):
+        common.load_checkpoint(foreign)
+    with pytest.raises(common.UsageError, match="does not exist"):
+        common.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_knn_on_a_toy_problem_with_a_known_answer():
+    # Two well-separated clusters; every query sits next to its own class.
+    centres = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    train_y = torch.tensor([0] * 10 + [1] * 10)
+    train_f = centres[train_y] + 0.05 * torch.randn(20, 2)
+    test_y = torch.tensor([0, 1, 1, 0])
+    test_f = centres[test_y] + 0.05 * torch.randn(4, 2)
+    assert torch.equal(knn_predict(train_f, train_y, test_f, 2, k=5, t=0.1, chunk=3), test_y)
+
+
+def test_knn_weights_votes_by_similarity():
+    # One very close neighbour of class 1 outvotes two distant ones of class 0 when T is small.
+    train_f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-0.1, 1.0]])
+    train_y = torch.tensor([1, 0, 0])
+    query = torch.tensor([[1.0, 0.05]])
+    assert knn_predict(train_f, train_y, query, 2, k=3, t=0.1).item() == 1
+    assert knn_predict(train_f, train_y, query, 2, k=3, t=100.0).item() == 0  # almost uniform votes
+
+
+def test_norm_summary():
+    feats = torch.tensor([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]])
+    s = norm_summary(feats, torch.tensor([0, 1, 0]), 2)
+    assert s["mean"] == pytest.approx(16 / 3)
+    assert s["per_class"][0]["mean"] == pytest.approx(7.5) and s["per_class"][1]["count"] == 1
+
+
+def test_features_spaces():
+    model = simclr.SimCLR("resnet18", 16, 8).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert common.features(model, x, "backbone").shape == (2, 512)
+    assert common.features(model, x, "projector").shape == (2, 8)
+    with pytest.raises(common.UsageError, match="no predictor"):
+        common.features(model, x, "predictor")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cut", "0"], "--cut must be positive"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--wd", "-1"], "--wd must be >= 0"),
+    (["--batch-size", "10", "--accum", "3"], "multiple of --accum"),
+    (["--dataset", "imagenet1k"], "invalid choice"),
+])
+def test_bad_flags_exit_2_with_a_sentence(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.parse_args(simclr.Args, simclr.__doc__, argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_embedding_stats():
+    z = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    s = common.embedding_stats(z, z * 2)
+    assert s["emb_norm_mean"].item() == pytest.approx(3.5) and s["feat_norm_mean"].item() == pytest.approx(7.0)
+    collapsed = common.embedding_stats(torch.ones(5, 3) * torch.arange(1, 6.0)[:, None], torch.ones(5, 3))
+    assert collapsed["collapse_std"].item() == pytest.approx(0.0, abs=1e-7)

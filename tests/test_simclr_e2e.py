@@ -1,0 +1,95 @@
+"""simclr.py and eval_knn.py end to end on the CPU, on tiny data."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_script
+
+import common
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "simclr"
+    r = run_script("simclr.py", *TINY, "--epochs", "2", "--knn-every", "1", "--save-every", "2",
+                   "--cut", "3", "--power", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_training_writes_metrics_and_checkpoints(trained):
+    out, r = trained
+    assert sorted(os.listdir(out)) == ["args.json", "epoch2.pt", "last.pt", "metrics.jsonl"]
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["epoch"] for m in lines] == [1, 2] and [m["step"] for m in lines] == [4, 8]
+    for m in lines:
+        for key in ("loss", "lr", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std",
+                    "knn_top1", "epoch_seconds", "images_per_second"):
+            assert isinstance(m[key], float), key
+        assert 0 <= m["knn_top1"] <= 100 and m["emb_norm_mean"] > 0
+    # The lr warms up linearly over --warmup 10 epochs of 4 steps: 0.3 * 16/256 * step/40.
+    assert lines[1]["lr"] == pytest.approx(0.3 * 16 / 256 * 8 / 40)
+    ckpt = common.load_checkpoint(str(out / "last.pt"))
+    assert ckpt["method"] == "simclr" and ckpt["epoch"] == 2 and ckpt["args"]["cut"] == 3.0
+    assert "projector.2.weight" in ckpt["model"] and "state" in ckpt["optimizer"]
+    assert "epoch=2" in r.stdout and "knn_top1=" in r.stdout
+
+
+def test_eval_knn_reads_the_checkpoint(trained, tmp_path):
+    out, _ = trained
+    r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu", "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    assert "weighted 200-NN top-1 = " in r.stdout
+    result = json.load(open(tmp_path / "r.json"))
+    assert 0 <= result["knn_top1"] <= 100 and result["method"] == "simclr"
+    assert len(result["norms"]["train"]["per_class"]) == 4
+    # The number matches the one logged at the end of training (same features, same protocol).
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]["knn_top1"]
+    assert result["knn_top1"] == pytest.approx(logged)
+    r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu", "--space", "projector", "--k", "5")
+    assert r.returncode == 0 and "(projector features)" in r.stdout
+
+
+def test_cut_init_is_in_the_trained_model(trained):
+    # The checkpoint's args rebuild a cut network: same parameter shapes, initial weights 3x smaller.
+    from eval_knn import load_model
+    out, _ = trained
+    model, ckpt = load_model(str(out / "last.pt"))
+    assert ckpt["args"]["power"] == 1.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k])
+
+
+def test_missing_data_is_one_sentence_and_creates_nothing(tmp_path):
+    out = tmp_path / "never"
+    r = run_script("simclr.py", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: cifar10 file data_batch_1 not found")
+    assert not out.exists()
+
+
+def test_existing_output_folder_is_not_touched(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    r = run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(tmp_path))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_eval_knn_refuses_a_broken_checkpoint(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"\x00" * 100)
+    r = run_script("eval_knn.py", str(tmp_path / "last.pt"))
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="dataset-fashion-mnist is not installed")
+def test_a_few_steps_on_real_fashionmnist(tmp_path):
+    r = run_script("simclr.py", "--dataset", "fashionmnist", "--data-dir", FASHION, "--subset", "128",
+                   "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr
+    m = json.loads(open(tmp_path / "f" / "metrics.jsonl").readline())
+    assert m["step"] == 4 and m["knn_top1"] > 10  # above chance (10 classes) even after 4 steps

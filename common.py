@@ -86,10 +86,18 @@ class Args:
 RESUME_SAFE = {"epochs", "knn_every", "save_every", "device", "data_dir", "download", "resume", "out"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(cls, doc, argv=None):
-    """Build an argparse parser from a dataclass of flags and return a filled instance."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Build a parser from a dataclass of flags; returns (a filled instance, the names of
+    the flags given on the command line) so that resuming can tell them from defaults."""
+    parser = Parser(description=doc.split("\n\n")[0] if doc else None,
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
@@ -99,11 +107,13 @@ def parse_args(cls, doc, argv=None):
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default,
                                 choices=meta.get("choices"), help=meta.get("help"))
-    ns = parser.parse_args(argv)
-    args = cls(**vars(ns))
+    args = cls(**vars(parser.parse_args(argv)))
     problem = validate(args)
     if problem:
         parser.error(problem)
+    for action in parser._actions:  # parse again without defaults: what is left was typed
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(parser.parse_args(argv)))
     return args
 
 
@@ -770,20 +780,23 @@ def setup(method, args):
     """Seed, pick the device, load the data onto it and create (or reopen) the run folder."""
     ckpt = None
     if args.resume:
-        path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
         if args.resume == "auto" and not args.out:
             raise UsageError("--resume auto needs --out pointing at the run folder to continue")
+        path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
         ckpt = load_checkpoint(path)
         if ckpt["method"] != method:
             raise UsageError(f"{path} is a {ckpt['method']} checkpoint; resume it with {ckpt['method']}.py")
-        args = merge_resume_args(ckpt["args"], args)
         folder = os.path.dirname(os.path.abspath(path))
+        if args.out and os.path.abspath(args.out) != folder:
+            raise UsageError(f"a resumed run stays in its own folder {folder}; drop --out or make it match")
+        check_resume_target(path, ckpt)
+        args = merge_resume_args(ckpt["args"], args)
     else:
         folder = args.out or os.path.join(
             "runs", f"{method}-{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        if os.path.exists(folder) and os.listdir(folder):
+        if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
             raise UsageError(f"output folder {folder} already exists and is not empty; pass --resume auto "
-                             f"--out {folder} to continue it, or choose another --out")
+                             f"--out {folder} to continue a run there, or choose another --out")
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -793,26 +806,71 @@ def setup(method, args):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training images")
     mean, std = ckpt["data_stats"] if ckpt else channel_stats(data.train_x)
     os.makedirs(folder, exist_ok=True)
-    if not ckpt:
+    if ckpt:
+        trim_metrics(os.path.join(folder, "metrics.jsonl"), ckpt["epoch"])
+    else:
         with open(os.path.join(folder, "args.json"), "w") as fh:
             json.dump({"format": FORMAT, "method": method, "args": dataclasses.asdict(args)}, fh, indent=1)
     return Run(method, args, device, data.to(device), mean, std, folder, ckpt)
 
 
+def check_resume_target(path, ckpt):
+    """Refuse to resume from an older epoch<N>.pt when the folder's last.pt is further on:
+    continuing would overwrite it."""
+    last = os.path.join(os.path.dirname(os.path.abspath(path)), "last.pt")
+    if os.path.abspath(path) != last and os.path.exists(last):
+        later = load_checkpoint(last)["epoch"]
+        if later > ckpt["epoch"]:
+            raise UsageError(f"resuming from epoch {ckpt['epoch']} would overwrite {last} (epoch {later}); "
+                             "copy the checkpoint into a new folder and resume it there")
+
+
+def trim_metrics(path, epoch):
+    """Drop metrics lines written after the checkpoint being resumed (a kill between the
+    metrics line and the checkpoint write), so the log has each epoch once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = fh.readlines()
+    keep = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as fh:
+            fh.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
 def merge_resume_args(saved, new):
-    """The saved args, with the resume-safe flags the user set on this command line."""
-    changed = {k: v for k, v in dataclasses.asdict(new).items()
-               if k in RESUME_SAFE and v != type(new)().__getattribute__(k)}
-    conflicts = [k for k, v in dataclasses.asdict(new).items()
-                 if k not in RESUME_SAFE and k in saved and v != saved[k] and v != getattr(type(new)(), k)]
+    """The saved args, plus the resume-safe flags typed on this command line; typed flags
+    that would change the method are refused."""
+    given = getattr(new, "given", set())
+    conflicts = [k for k in sorted(given - RESUME_SAFE) if k in saved and getattr(new, k) != saved[k]]
     if conflicts:
-        raise UsageError(f"cannot resume with different {', '.join('--' + c.replace('_', '-') for c in conflicts)}: "
-                         "these define the method; start a new run instead")
-    merged = type(new)(**{**saved, **changed})
+        flags = ", ".join(f"--{k.replace('_', '-')} ({saved[k]} -> {getattr(new, k)})" for k in conflicts)
+        raise UsageError(f"cannot resume with a different {flags}: these define the run; start a new run instead")
+    fields = {f.name for f in dataclasses.fields(new)}
+    changed = {k: getattr(new, k) for k in given & RESUME_SAFE}
+    merged = type(new)(**{**{k: v for k, v in saved.items() if k in fields}, **changed})
     for k, v in changed.items():
         if k not in ("resume", "out") and saved.get(k) != v:
             print(f"resuming with --{k.replace('_', '-')} {v} (was {saved.get(k)})", file=sys.stderr)
     return merged
+
+
+class Diverged(UsageError):
+    """The loss became NaN or infinite."""
+
+
+def check_finite(stats, epoch, step, args):
+    if not torch.isfinite(stats["loss"]).item():
+        hints = []
+        if args.power:
+            hints.append(f"GradScale (--power {args.power}) scales gradients by the embedding norm, so it needs a "
+                         "smaller --lr or a longer --warmup")
+        if args.wd >= 1e-3:
+            hints.append(f"--wd {args.wd} is large")
+        hints.append(f"--lr {args.lr} may be too high")
+        raise Diverged(f"the loss became {stats['loss'].item()} at epoch {epoch + 1}, step {step + 1}; "
+                       f"{'; '.join(hints)}. Training stopped; last.pt still holds the last good epoch")
 
 
 def train(run, model, training_step, groups, views):
@@ -820,8 +878,9 @@ def train(run, model, training_step, groups, views):
 
     training_step(model, x1, x2, args, progress) -> (loss, stats) runs the method on two
     views made by the two Augment recipes in `views`; progress in [0, 1) is the fraction
-    of training done, for schedules such as BYOL's EMA. stats are 0-d tensors, summed on the device and read once per
-    epoch, so the loop itself never waits for the GPU.
+    of training done, for schedules such as BYOL's EMA. stats are 0-d tensors, summed on
+    the device and read once per epoch. The only per-step read is the previous step's
+    loss check, which the GPU has finished by then, so the loop never stalls it.
     """
     from eval_knn import knn_eval  # eval_knn imports this module, so import it late
 
@@ -848,7 +907,7 @@ def train(run, model, training_step, groups, views):
         # The data order depends only on (seed, epoch), so a resumed run sees the same order.
         perm = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
         perm = perm.to(device)
-        sums = {}
+        sums, previous = {}, None
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=None, dynamic_ncols=True)
         for i in bar:
@@ -866,14 +925,14 @@ def train(run, model, training_step, groups, views):
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0) + v.float() / args.accum
             optimizer.step()
-            if not bar.disable and i % 10 == 0:
-                bar.set_postfix(loss=f"{stats['loss'].item():.4f}", norm=f"{stats['emb_norm_mean'].item():.3f}")
+            if previous is not None:
+                check_finite(previous, epoch, step - 1, args)
+                if not bar.disable and i % 10 == 1:
+                    bar.set_postfix(loss=f"{previous['loss'].item():.4f}", norm=f"{previous['emb_norm_mean'].item():.3f}")
+            previous = stats
         bar.close()
+        check_finite(previous, epoch, step, args)
         metrics = {k: v.item() / max(1, steps_per_epoch) for k, v in sums.items()}
-        if not math.isfinite(metrics.get("loss", 0.0)):
-            raise UsageError(f"the loss became {metrics['loss']} in epoch {epoch + 1}; the lr is probably too "
-                             "high for this setting (GradScale, cut-init and large weight decay all change the "
-                             "step size); last.pt keeps the last good epoch")
         seconds = time.time() - t0
         last = epoch + 1 == args.epochs
         knn = None

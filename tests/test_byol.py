@@ -1,0 +1,174 @@
+"""BYOL: the loss against its closed form, the EMA update and its schedule, the
+stop-gradient into the target, cut-init reaching the target, GradScale on p, and the
+real script end to end on the synthetic data."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import byol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tensors here are tiny: a second thread gains nothing, and on a shared 2-core machine
+# OpenMP threads waiting for each other made these tests ~10x slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def squared_distance_of_unit_vectors(p, z):
+    """||p/|p| - z/|z|||^2 per row, float64 numpy: the form BYOL writes its loss in."""
+    p, z = p.detach().double().numpy(), z.detach().double().numpy()
+    p = p / np.linalg.norm(p, axis=1, keepdims=True)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    return ((p - z) ** 2).sum(axis=1)
+
+
+def test_regression_loss_is_the_normalized_squared_distance():
+    p, z = torch.randn(6, 5), torch.randn(6, 5)
+    assert byol.regression_loss(p, z).item() == pytest.approx(squared_distance_of_unit_vectors(p, z).mean(), abs=1e-5)
+    assert byol.regression_loss(p, 4 * p).item() == pytest.approx(0.0, abs=1e-6)
+    assert byol.regression_loss(p, -p).item() == pytest.approx(4.0, abs=1e-6)
+
+
+def test_symmetric_loss_sums_both_directions():
+    p1, p2, z1, z2 = (torch.randn(6, 5) for _ in range(4))
+    expected = squared_distance_of_unit_vectors(p1, z2).mean() + squared_distance_of_unit_vectors(p2, z1).mean()
+    assert byol.byol_loss(p1, p2, z1, z2).item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("progress,tau", [(0.0, 0.99), (1 / 3, 1 - 0.01 * 0.75), (0.5, 0.995),
+                                          (2 / 3, 1 - 0.01 * 0.25), (1.0, 1.0)])
+def test_tau_follows_the_cosine_schedule(progress, tau):
+    # cos(pi/3) = 1/2, cos(pi/2) = 0, cos(2pi/3) = -1/2: tau = 1 - (1 - 0.99) (cos + 1) / 2.
+    assert byol.target_tau(0.99, progress) == pytest.approx(tau, abs=1e-12)
+
+
+def tiny_model(cut=1.0):
+    return byol.build_model(byol.Args(hidden_dim=16, proj_dim=8, cut=cut), img_size=8)
+
+
+def online_and_target(model):
+    return ([*model.backbone.parameters(), *model.projector.parameters()],
+            [*model.target_backbone.parameters(), *model.target_projector.parameters()])
+
+
+def perturb_online(model):
+    with torch.no_grad():
+        for theta in online_and_target(model)[0]:
+            theta.add_(torch.randn_like(theta))
+
+
+def test_update_target_is_an_exponential_moving_average():
+    model = tiny_model()
+    perturb_online(model)
+    online, target = online_and_target(model)
+    before = [xi.clone() for xi in target]
+    online_before = [theta.clone() for theta in online]
+    byol.update_target(model, 0.9)
+    for xi, old, theta in zip(target, before, online):
+        torch.testing.assert_close(xi, 0.9 * old + 0.1 * theta)
+    assert all(torch.equal(a, b) for a, b in zip(online, online_before))  # the online net is not touched
+
+
+def test_cut_init_reaches_the_target_exactly():
+    torch.manual_seed(0)
+    plain = tiny_model(cut=1.0)
+    torch.manual_seed(0)
+    cut = tiny_model(cut=3.0)
+    online, target = online_and_target(cut)
+    assert len(online) == len(target) > 0
+    for theta, xi in zip(online, target):
+        assert torch.equal(theta, xi)
+    for (name, a), b in zip(plain.named_parameters(), cut.parameters()):
+        assert torch.equal(b, a / 3), name
+    # BN running statistics are copied too: the target starts as an exact copy of the cut online net.
+    for online_part, target_part in ((cut.backbone, cut.target_backbone), (cut.projector, cut.target_projector)):
+        a, b = online_part.state_dict(), target_part.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_gradient_reaches_the_target_and_gradscale_acts_on_p():
+    model = tiny_model()
+    perturb_online(model)  # online != target, so the target branch is a genuinely different network
+    x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    outputs, grads = [], {}
+
+    def capture(module, inputs, p):  # record p of each view and the gradient that reaches it
+        view = len(outputs)
+        outputs.append(p.detach())
+        p.register_hook(lambda g: grads.__setitem__(view, g))
+
+    model.predictor.register_forward_hook(capture)
+    runs = {}
+    for power in (0.0, 2.0):
+        outputs.clear(), grads.clear()
+        model.zero_grad(set_to_none=True)
+        loss, stats = byol.training_step(model, x1, x2, byol.Args(power=power), 0.0)
+        loss.backward()
+        runs[power] = (loss.item(), torch.cat([grads[0], grads[1]]))
+        _, target = online_and_target(model)
+        assert all(not xi.requires_grad and xi.grad is None for xi in target)
+        assert all(theta.grad is not None for theta in [*model.backbone.parameters(), *model.predictor.parameters()])
+    p = torch.cat(outputs)
+    assert runs[0.0][0] == pytest.approx(runs[2.0][0], abs=1e-6)
+    torch.testing.assert_close(runs[2.0][1], runs[0.0][1] * p.norm(dim=1, keepdim=True) ** 2)
+    assert stats["emb_norm_mean"].item() == pytest.approx(p.norm(dim=1).mean().item(), rel=1e-5)
+    assert stats["tau"].item() == pytest.approx(0.99)
+
+
+def test_target_is_updated_once_per_optimizer_step():
+    """common.train calls training_step once per micro-batch with the same progress; the
+    EMA must run once per step, on the first call, with that step's tau."""
+    model = tiny_model()
+    perturb_online(model)
+    online, target = online_and_target(model)
+    x = torch.randn(4, 3, 8, 8)
+    args = byol.Args()
+    xi0 = [t.clone() for t in target]
+    byol.training_step(model, x, x, args, 0.0)  # step 0: the target already equals the initial online net
+    assert all(torch.equal(a, b) for a, b in zip(target, xi0))
+    for _ in range(2):  # two micro-batches of the step at progress 1/2
+        byol.training_step(model, x, x, args, 0.5)
+    tau = byol.target_tau(0.99, 0.5)
+    for xi, old, theta in zip(target, xi0, online):
+        torch.testing.assert_close(xi, tau * old + (1 - tau) * theta)
+
+
+def run(*cmd):
+    return subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = run("byol.py", "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1",
+            "--hidden-dim", "64", "--proj-dim", "32", "--cut", "3", "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):
+        assert math.isfinite(line[key]), key
+    assert 0 <= line["loss"] <= 8 and 0 < line["collapse_std"] <= 1
+    # Two steps, at progress 0 and 1/2: the logged tau is the mean of the schedule's 0.99 and 0.995.
+    assert line["tau"] == pytest.approx((0.99 + 0.995) / 2, abs=1e-6)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["method"] == "byol" and any(k.startswith("target_backbone.") for k in ckpt["model"])
+    # Only the online network is optimized.
+    online = [k for k in ckpt["model"] if k.split(".")[0] in ("backbone", "projector", "predictor")
+              and "running" not in k and "num_batches" not in k]
+    assert sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"]) == len(online)
+    r = run("eval_knn.py", str(out / "last.pt"), "--space", "predictor", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    acc = re.search(r"byol epoch 1 on synthetic: weighted 200-NN top-1 = ([\d.]+)% \(predictor features\)", r.stdout)
+    assert acc and 0 <= float(acc.group(1)) <= 100, r.stdout

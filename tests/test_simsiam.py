@@ -1,0 +1,137 @@
+"""SimSiam: the loss against closed forms, the stop-gradient, GradScale on p, cut-init,
+fix-pred-lr, and the real script end to end on the synthetic data."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import simsiam
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tensors here are tiny: a second thread gains nothing, and on a shared 2-core machine
+# OpenMP threads waiting for each other made these tests ~10x slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cosines(p, z):
+    """Row-wise cosine similarity in float64 numpy, written out from the definition."""
+    p, z = p.detach().double().numpy(), z.detach().double().numpy()
+    return np.array([a @ b / (np.sqrt(a @ a) * np.sqrt(b @ b)) for a, b in zip(p, z)])
+
+
+def test_negative_cosine_is_minus_mean_cosine():
+    p, z = torch.randn(5, 7), torch.randn(5, 7)
+    assert simsiam.negative_cosine(p, z).item() == pytest.approx(-cosines(p, z).mean(), abs=1e-6)
+    # Only directions count: rescaling either side leaves D unchanged.
+    assert simsiam.negative_cosine(3 * p, 0.5 * z).item() == pytest.approx(-cosines(p, z).mean(), abs=1e-6)
+    assert simsiam.negative_cosine(p, p).item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_symmetric_loss_value_gradient_and_stop_gradient():
+    B = 6
+    p1, p2, z1, z2 = (torch.randn(B, 5, requires_grad=True) for _ in range(4))
+    loss = simsiam.simsiam_loss(p1, p2, z1, z2)
+    expected = -cosines(p1, z2).mean() / 2 - cosines(p2, z1).mean() / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    # d/dp [-cos(p, z)] = -(z_hat - cos * p_hat) / ||p||, times 1 / (2B) from the mean and the halving.
+    for p, z, g in ((p1, z2, p1.grad), (p2, z1, p2.grad)):
+        p_, z_ = p.detach(), z.detach()
+        p_hat, z_hat = p_ / p_.norm(dim=1, keepdim=True), z_ / z_.norm(dim=1, keepdim=True)
+        cos = (p_hat * z_hat).sum(dim=1, keepdim=True)
+        torch.testing.assert_close(g, -(z_hat - cos * p_hat) / p_.norm(dim=1, keepdim=True) / (2 * B))
+    # Stop-gradient: nothing flows into the projections.
+    assert z1.grad is None and z2.grad is None
+
+
+def test_loss_has_no_path_through_z():
+    p1, p2 = torch.randn(4, 3), torch.randn(4, 3)  # constants
+    z1, z2 = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    assert not simsiam.simsiam_loss(p1, p2, z1, z2).requires_grad
+
+
+def tiny_model(cut=1.0):
+    return simsiam.build_model(simsiam.Args(proj_dim=16, pred_dim=8, cut=cut), img_size=8)
+
+
+def test_gradscale_scales_the_gradient_reaching_p_by_its_norm():
+    model = tiny_model()
+    x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    outputs, grads = [], {}
+
+    def capture(module, inputs, p):  # record p of each view and the gradient that reaches it
+        view = len(outputs)
+        outputs.append(p.detach())
+        p.register_hook(lambda g: grads.__setitem__(view, g))
+
+    model.predictor.register_forward_hook(capture)
+    runs = {}
+    for power in (0.0, 1.0):
+        outputs.clear(), grads.clear()
+        loss, stats = simsiam.training_step(model, x1, x2, simsiam.Args(power=power), 0.0)
+        loss.backward()
+        runs[power] = (loss.item(), torch.cat([grads[0], grads[1]]))
+    p = torch.cat(outputs)  # (2B, D): the predictor outputs of both views
+    assert runs[0.0][0] == pytest.approx(runs[1.0][0], abs=1e-6)  # identity forward
+    torch.testing.assert_close(runs[1.0][1], runs[0.0][1] * p.norm(dim=1, keepdim=True))
+    # The logged norms are those of p, where the loss is applied.
+    assert stats["emb_norm_mean"].item() == pytest.approx(p.norm(dim=1).mean().item(), rel=1e-5)
+    assert stats["emb_norm_std"].item() == pytest.approx(p.norm(dim=1).std().item(), rel=1e-5)
+
+
+def test_cut_init_divides_every_initial_weight():
+    torch.manual_seed(0)
+    plain = tiny_model(cut=1.0)
+    torch.manual_seed(0)
+    cut = tiny_model(cut=3.0)
+    for (name, a), b in zip(plain.named_parameters(), cut.parameters()):
+        assert torch.equal(b, a / 3), name
+
+
+def run(*cmd, cwd=ROOT):
+    return subprocess.run([sys.executable, *cmd], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = run("simsiam.py", "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1",
+            "--proj-dim", "64", "--pred-dim", "16", "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):
+        assert math.isfinite(line[key]), key
+    assert -1 <= line["loss"] <= 1 and 0 < line["collapse_std"] <= 1
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["method"] == "simsiam"
+    # fix-pred-lr: after 2 of 20 warmup steps the backbone's lr is 2/20 of the peak, the predictor's is the peak.
+    peak = 0.05 * 16 / 256
+    groups = ckpt["optimizer"]["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(peak * 2 / 20) and groups[0]["nesterov"]
+    assert groups[1]["fixed_lr"] and groups[1]["lr"] == pytest.approx(peak)
+    assert len(groups[1]["params"]) == len([k for k in ckpt["model"] if k.startswith("predictor.")
+                                            and "running" not in k and "num_batches" not in k])
+    r = run("eval_knn.py", str(out / "last.pt"), "--space", "predictor", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    acc = re.search(r"simsiam epoch 1 on synthetic: weighted 200-NN top-1 = ([\d.]+)% \(predictor features\)", r.stdout)
+    assert acc and 0 <= float(acc.group(1)) <= 100, r.stdout
+
+
+def test_headline_command_parses_and_reports_missing_data(tmp_path):
+    r = run("simsiam.py", "--dataset", "cifar100", "--cut", "3", "--wd", "5e-4", "--data-dir", str(tmp_path),
+            "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: cifar100 file train not found") and len(r.stderr.splitlines()) == 1

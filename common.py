@@ -758,6 +758,153 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----------------------------------------------------------------------------- distributed
+# Multi-GPU / multi-node runs start every script unchanged under torchrun, which sets RANK,
+# WORLD_SIZE and LOCAL_RANK. Without those variables everything below is a no-op, so a
+# single process never touches torch.distributed.
+
+def init_distributed():
+    """Join the process group torchrun describes; returns (rank, world size, local rank)."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def world():
+    """(rank, world size) of this process; (0, 1) outside torchrun."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 that gradients flow back through: every rank's loss may
+    depend on every rank's embeddings, so the backward sums the incoming gradient over
+    ranks and hands each rank the slice of its own rows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank, size = world()
+        return grad.chunk(size)[rank]
+
+
+class _SumWithGrad(torch.autograd.Function):
+    """All-reduce (sum) that gradients flow back through: the sum is used on every rank,
+    so each input's gradient is the sum over ranks of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def gather(x, grad=True):
+    """Concatenate x (b, ...) from all ranks in rank order -> (world * b, ...). With
+    grad=False the result is a constant: no gradient goes back to any rank (MoCo's keys)."""
+    rank, size = world()
+    if size == 1:
+        return x
+    if grad:
+        return _GatherWithGrad.apply(x)
+    import torch.distributed as dist
+    parts = [torch.empty_like(x) for _ in range(size)]
+    with torch.no_grad():
+        dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(params):
+    """Average the gradients of params over ranks, in one flat all-reduce. Summing the
+    per-rank gradients of per-rank mean losses and dividing by the world size gives the
+    gradient of the mean loss over the global batch."""
+    rank, size = world()
+    if size == 1:
+        return
+    import torch.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics cover the global batch across ranks, for
+    1d and 2d inputs. It keeps BatchNorm's parameter and buffer names, so checkpoints load
+    into the plain network. On CUDA, torch's own SyncBatchNorm is used instead; this
+    version exists because SyncBatchNorm has no CPU implementation (tests use gloo)."""
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected 2D or 4D input, got {x.dim()}D")
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
+        total = _SumWithGrad.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))  # (2C + 1,)
+        n = total[-1]
+        mean = total[: x.shape[1]] / n
+        var = total[x.shape[1]: 2 * x.shape[1]] / n - mean * mean  # biased, as BN normalizes with
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def global_batchnorm(module):
+    """Swap every BatchNorm in module for one that normalizes over the global batch
+    (no-op in a single process)."""
+    if world()[1] == 1:
+        return module
+    if torch.cuda.is_available():
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            global_batchnorm(child)
+    return module
+
+
 # ----------------------------------------------------------------------------- runs
 
 @dataclass
@@ -771,13 +918,17 @@ class Run:
     std: list
     folder: str
     ckpt: dict = None  # the checkpoint being resumed, if any
+    rank: int = 0  # this process's rank under torchrun, and the number of processes
+    world: int = 1
 
     def augment(self, **recipe):
         return Augment(self.data.size, tuple(self.mean), tuple(self.std), **recipe)
 
 
 def setup(method, args):
-    """Seed, pick the device, load the data onto it and create (or reopen) the run folder."""
+    """Seed, pick the device, load the data onto it and create (or reopen) the run folder.
+    Under torchrun every rank runs this; only rank 0 writes to the run folder."""
+    rank, size, local_rank = init_distributed()
     ckpt = None
     if args.resume:
         if args.resume == "auto" and not args.out:
@@ -797,7 +948,14 @@ def setup(method, args):
         if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
             raise UsageError(f"output folder {folder} already exists and is not empty; pass --resume auto "
                              f"--out {folder} to continue a run there, or choose another --out")
+    if args.batch_size % (size * args.accum):
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of {size} processes x "
+                         f"--accum {args.accum}, so every rank gets equal micro-batches")
     device = pick_device(args.device)
+    if size > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+    # The same seed on every rank: the networks start identical. Augmentations are
+    # reseeded per rank and epoch in train().
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -805,13 +963,17 @@ def setup(method, args):
     if args.batch_size > len(data.train_x):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training images")
     mean, std = ckpt["data_stats"] if ckpt else channel_stats(data.train_x)
-    os.makedirs(folder, exist_ok=True)
-    if ckpt:
-        trim_metrics(os.path.join(folder, "metrics.jsonl"), ckpt["epoch"])
-    else:
-        with open(os.path.join(folder, "args.json"), "w") as fh:
-            json.dump({"format": FORMAT, "method": method, "args": dataclasses.asdict(args)}, fh, indent=1)
-    return Run(method, args, device, data.to(device), mean, std, folder, ckpt)
+    if size > 1:
+        import torch.distributed as dist
+        dist.barrier()  # every rank has checked the folder before rank 0 creates it
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        if ckpt:
+            trim_metrics(os.path.join(folder, "metrics.jsonl"), ckpt["epoch"])
+        else:
+            with open(os.path.join(folder, "args.json"), "w") as fh:
+                json.dump({"format": FORMAT, "method": method, "args": dataclasses.asdict(args)}, fh, indent=1)
+    return Run(method, args, device, data.to(device), mean, std, folder, ckpt, rank, size)
 
 
 def check_resume_target(path, ckpt):
@@ -873,7 +1035,7 @@ def check_finite(stats, epoch, step, args):
                        f"{'; '.join(hints)}. Training stopped; last.pt still holds the last good epoch")
 
 
-def train(run, model, training_step, groups, views):
+def train(run, model, training_step, groups, views, sync_bn=True):
     """The loop shared by every method.
 
     training_step(model, x1, x2, args, progress) -> (loss, stats) runs the method on two
@@ -881,10 +1043,16 @@ def train(run, model, training_step, groups, views):
     of training done, for schedules such as BYOL's EMA. stats are 0-d tensors, summed on
     the device and read once per epoch. The only per-step read is the previous step's
     loss check, which the GPU has finished by then, so the loop never stalls it.
+
+    Under torchrun each rank trains on its own slice of every global batch, gradients are
+    averaged over ranks after backward, and (with sync_bn) batch norm uses global-batch
+    statistics. Only rank 0 evaluates, logs and writes checkpoints.
     """
     from eval_knn import knn_eval  # eval_knn imports this module, so import it late
 
     args, device, data = run.args, run.device, run.data
+    if sync_bn:
+        global_batchnorm(model)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -898,24 +1066,30 @@ def train(run, model, training_step, groups, views):
         optimizer.load_state_dict(run.ckpt["optimizer"])
         start_epoch = run.ckpt["epoch"]
         set_rng_state(run.ckpt["rng"])
-    micro = args.batch_size // args.accum
+    local = args.batch_size // run.world  # this rank's share of each global batch
+    micro = local // args.accum
+    params = [p for p in model.parameters() if p.requires_grad]
     from tqdm import tqdm
 
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0 = time.time()
-        # The data order depends only on (seed, epoch), so a resumed run sees the same order.
+        # The data order depends only on (seed, epoch): every rank draws the same
+        # permutation and takes its own slice, and a resumed run sees the same order.
         perm = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
         perm = perm.to(device)
+        # Augmentations differ per rank and are reproducible per epoch (exact resume).
+        torch.manual_seed(args.seed * 100003 + epoch * 1009 + run.rank + 1)
         sums, previous = {}, None
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=None, dynamic_ncols=True)
+                   disable=True if run.rank else None, dynamic_ncols=True)
         for i in bar:
             step = epoch * steps_per_epoch + i
             lr = set_lr(optimizer, lr_factor(step, total, warmup))
             optimizer.zero_grad(set_to_none=True)
             for a in range(args.accum):
-                idx = perm[i * args.batch_size + a * micro: i * args.batch_size + (a + 1) * micro]
+                start = i * args.batch_size + run.rank * local + a * micro
+                idx = perm[start: start + micro]
                 x = data.train_x[idx]
                 x1, x2 = views[0](x), views[1](x)
                 with autocast(device):
@@ -924,6 +1098,7 @@ def train(run, model, training_step, groups, views):
                 stats = {"loss": loss.detach().float(), **stats}
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0) + v.float() / args.accum
+            average_gradients(params)
             optimizer.step()
             if previous is not None:
                 check_finite(previous, epoch, step - 1, args)
@@ -932,7 +1107,14 @@ def train(run, model, training_step, groups, views):
             previous = stats
         bar.close()
         check_finite(previous, epoch, step, args)
+        if run.world > 1:  # log the mean over ranks
+            import torch.distributed as dist
+            flat = torch.stack([sums[k] for k in sorted(sums)])
+            dist.all_reduce(flat)
+            sums = dict(zip(sorted(sums), flat / run.world))
         metrics = {k: v.item() / max(1, steps_per_epoch) for k, v in sums.items()}
+        if run.rank:
+            continue  # rank 0 evaluates, logs and saves
         seconds = time.time() - t0
         last = epoch + 1 == args.epochs
         knn = None
@@ -951,4 +1133,8 @@ def train(run, model, training_step, groups, views):
         save_atomic(ckpt, os.path.join(run.folder, "last.pt"))
         if args.save_every and (epoch + 1) % args.save_every == 0:
             save_atomic(ckpt, os.path.join(run.folder, f"epoch{epoch + 1}.pt"))
+    if run.world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # the other ranks wait for rank 0's last checkpoint before leaving
+        dist.destroy_process_group()
     return model

@@ -54,13 +54,24 @@ def build_model(args, img_size):
 
 def info_nce(z1, z2, temperature):
     """NT-Xent over 2B views: for each view the other view of its image is the positive,
-    the remaining 2B - 2 views are negatives. z1, z2: (B, D), not yet normalized."""
-    B = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, D): only directions enter the loss
-    logits = z @ z.T / temperature  # (2B, 2B) cosine similarities / tau
-    self_mask = torch.eye(2 * B, dtype=torch.bool, device=z.device)
+    the remaining 2B - 2 views are negatives. z1, z2: (b, D), not yet normalized.
+
+    Under torchrun, b = B / world is this rank's share: its 2b views are anchors, and the
+    candidates are the views of the whole global batch, gathered *with* gradient (the
+    gather's backward sums over ranks), as in the SimCLR paper's global negatives."""
+    b = z1.shape[0]
+    rank = common.world()[0]
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)  # only directions enter the loss
+    anchors = torch.cat([z1, z2])  # (2b, D)
+    candidates = torch.cat([common.gather(z1), common.gather(z2)])  # (2B, D): all first views, then all second
+    B = candidates.shape[0] // 2
+    logits = anchors @ candidates.T / temperature  # (2b, 2B) cosine similarities / tau
+    own = torch.arange(b, device=z1.device) + rank * b  # global index of this rank's images
+    rows = torch.arange(2 * b, device=z1.device)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[rows, torch.cat([own, own + B])] = True
     logits = logits.masked_fill(self_mask, float("-inf"))  # a view is not its own negative
-    positive = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)  # view i <-> i +- B
+    positive = torch.cat([own + B, own])  # view 1 of image i <-> view 2 of image i
     return F.cross_entropy(logits, positive)
 
 

@@ -1,0 +1,577 @@
+"""The paper's theory and simulations, runnable on a laptop CPU.
+
+Draganov et al., "On the Importance of Embedding Norms in Self-Supervised Learning",
+ICML 2025, arXiv:2502.09252. Sections 3-4 and Appendices A-D make precise claims about
+the gradient of the cosine similarity: it is orthogonal to the embedding and scaled by
+1/||z||, so large embeddings learn slowly and gradient descent only ever grows norms.
+Each subcommand below turns one claim into a table of numbers, a CSV and a JSON file in
+--out, and a PNG when matplotlib happens to be installed.
+
+    python simulate.py all                      # every table, in order
+    python simulate.py norms --seed 1 --out runs/simulate
+    python simulate.py gradients --quick        # the reduced sizes the tests use
+
+Subcommands: gradients, bound, norms, angles, weight-decay, density, imbalance,
+gradscale. Measured tables and runtimes are in the README's "Simulations" section.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradscale import gradscale
+
+THRESHOLD = 1e-3  # "converged" once the mean cosine similarity exceeds 1 - 1e-3 (App. B.1)
+
+
+# ----------------------------------------------------------------------------- helpers
+def unit(z):
+    return z / z.norm(dim=-1, keepdim=True)
+
+
+def cos(a, b):
+    return (unit(a) * unit(b)).sum(-1)
+
+
+def sin_angle(a, b):
+    """sin of the angle between rows, as |u-v| |u+v| / 2: accurate near 0 and pi, where
+    sqrt(1 - cos^2) loses half the digits, and independent of the gradient formula."""
+    u, v = unit(a), unit(b)
+    return (u - v).norm(dim=-1) * (u + v).norm(dim=-1) / 2
+
+
+def cos_grad(zi, zj):
+    """Prop. 3.1 in closed form: d cos(zi, zj) / d zi = (unit(zj) projected off zi) / ||zi||."""
+    ui, uj = unit(zi), unit(zj)
+    return (uj - (ui * uj).sum(-1, keepdim=True) * ui) / zi.norm(dim=-1, keepdim=True)
+
+
+def sup_info_nce(z, y, tau):
+    """Supervised InfoNCE: every other sample with the same label y is a positive.
+
+    z (N, D), y (N,). With y = [0..B-1, 0..B-1] on cat(z1, z2) this is SimCLR's loss.
+    """
+    u = unit(z)
+    eye = torch.eye(len(z), dtype=torch.bool)
+    sim = (u @ u.T / tau).masked_fill(eye, -math.inf)  # (N, N); never your own negative
+    log_prob = sim - sim.logsumexp(dim=1, keepdim=True)
+    pos = (y[:, None] == y[None, :]) & ~eye
+    n_pos = pos.sum(1)
+    has_pos = n_pos > 0  # a sample alone in its class in this batch has nothing to pull
+    per_sample = log_prob.masked_fill(~pos, 0).sum(1)[has_pos] / n_pos[has_pos]
+    return -per_sample.mean()
+
+
+def spearman(a, b):
+    rank = lambda v: v.argsort().argsort().double()  # ties have probability zero here
+    return torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1].item()
+
+
+def fit_exponent(x, y):
+    """Least-squares slope a of log y = a log x + b."""
+    lx, ly = torch.log(torch.tensor(x, dtype=torch.float64)), torch.log(torch.tensor(y, dtype=torch.float64))
+    lx = lx - lx.mean()
+    return ((lx * (ly - ly.mean())).sum() / (lx * lx).sum()).item()
+
+
+def knn_distance(z, k=10):
+    """Cosine distance from each row of z (N, D) to its k-th nearest other row."""
+    u = unit(z)
+    dist = 1 - u @ u.T  # (N, N)
+    dist.fill_diagonal_(math.inf)
+    return dist.kthvalue(k, dim=1).values  # (N,)
+
+
+def print_table(title, rows):
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.7g}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def save(out, name, result, draw=None):
+    """Write out/name.csv (the rows) and out/name.json (everything); a PNG if matplotlib
+    imports. draw(plt) builds the figure; matplotlib is optional, so import it here."""
+    os.makedirs(out, exist_ok=True)
+    rows = result["rows"]
+    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if draw is None:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig = draw(plt)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{name}.png"), dpi=120)
+    plt.close(fig)
+
+
+def line_plot(plt, series, xlabel, ylabel, log=False):
+    """One figure with a line per entry of series: {label: (x, y)}."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, "o-", label=label)
+    if log:
+        ax.set(xscale="log", yscale="log")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    return fig
+
+
+def random_pairs(norms, n, d):
+    """For each norm, n standard-normal pairs scaled to that norm: (K, n, d) twice."""
+    rho = torch.tensor(norms, dtype=torch.float64)[:, None, None]
+    z1 = unit(torch.randn(len(norms), n, d, dtype=torch.float64)) * rho
+    z2 = unit(torch.randn(len(norms), n, d, dtype=torch.float64)) * rho
+    return z1, z2
+
+
+def align(z1, z2, wd=None, lr=10.0, max_steps=20000, stop=True):
+    """Plain gradient descent on the embeddings themselves (App. B.1), for K independent
+    cells at once. Each minimizes mean_pairs[-cos(z1, z2) + wd/2 (|z1|^2 + |z2|^2)].
+
+    z1, z2: (K, n, d); wd: (K,) or None. Returns, per cell (K,): steps until the mean
+    cosine first exceeds 1 - THRESHOLD (-1 if never), the last mean cosine and mean norm,
+    and whether it diverged (mean norm past 1e6; we stop such a cell there rather than
+    compute on with inf/nan). With stop=True a cell also stops once it has converged.
+    The gradient is the closed form of Prop. 3.1, which `gradients` checks against autograd.
+    """
+    K, n = z1.shape[:2]
+    wd = torch.zeros(K, dtype=z1.dtype) if wd is None else wd
+    steps = torch.full((K,), -1)
+    diverged = torch.zeros(K, dtype=torch.bool)
+    last_cos, last_norm = torch.zeros(K, dtype=z1.dtype), torch.zeros(K, dtype=z1.dtype)
+    live = torch.arange(K)  # cells still being optimized; z1, z2 hold only these
+    for t in range(max_steps + 1):
+        # cos_grad for both sides, sharing the normalizations: this loop is the hot path.
+        n1, n2 = z1.norm(dim=-1, keepdim=True), z2.norm(dim=-1, keepdim=True)  # (k, n, 1)
+        u1, u2 = z1 / n1, z2 / n2
+        c = (u1 * u2).sum(-1, keepdim=True)  # (k, n, 1)
+        last_cos[live] = c.mean((1, 2))
+        last_norm[live] = torch.cat([n1, n2], 1).mean((1, 2))
+        steps[live[(last_cos[live] > 1 - THRESHOLD) & (steps[live] < 0)]] = t
+        diverged[live] = last_norm[live] > 1e6
+        keep = ~diverged[live] & ((steps[live] < 0) if stop else True)
+        if t == max_steps or not keep.any():
+            break
+        if not keep.all():
+            live, z1, z2, u1, u2, n1, n2, c = (v[keep] for v in (live, z1, z2, u1, u2, n1, n2, c))
+        # The loss is a mean over n pairs, so each embedding's gradient carries a 1/n.
+        lam = wd[live][:, None, None]  # (k, 1, 1)
+        g1 = (-(u2 - c * u1) / n1 + lam * z1) / n
+        g2 = (-(u1 - c * u2) / n2 + lam * z2) / n
+        z1, z2 = z1 - lr * g1, z2 - lr * g2
+    return steps, last_cos, last_norm, diverged
+
+
+# ----------------------------------------------------------------------------- subcommands
+def sim_gradients(quick=False):
+    """Prop. 3.1, Prop. 3.2 and Cor. 3.3: the cosine (and InfoNCE) gradient is orthogonal
+    to z_i and scaled by 1/||z_i||, so a gradient step never shrinks ||z_i||."""
+    n, d = (200, 8) if quick else (5000, 8)
+    zi = torch.randn(n, d, dtype=torch.float64) * torch.exp(torch.randn(n, 1))  # norms over ~2 decades
+    zj = torch.randn(n, d, dtype=torch.float64) * torch.exp(torch.randn(n, 1))
+    zi.requires_grad_(True)
+    (g,) = torch.autograd.grad(cos(zi, zj).sum(), zi)  # rows are independent problems
+    zi = zi.detach()
+    closed = cos_grad(zi, zj)
+    sin_phi = sin_angle(zi, zj)
+    lr = 10 ** torch.empty(n, 1, dtype=torch.float64).uniform_(-2, 1)  # step sizes 0.01..10
+    stepped = zi + lr * g  # ascent or descent: the norm identity does not care about sign
+    norm_gap = stepped.norm(dim=-1) ** 2 - (zi.norm(dim=-1) ** 2 + lr[:, 0] ** 2 * g.norm(dim=-1) ** 2)
+    rows = [
+        dict(check="|autograd - closed form|, cos (Prop 3.1)", max_dev=(g - closed).abs().max().item()),
+        dict(check="| |grad| ||z_i|| / sin(phi) - 1 |", max_dev=(g.norm(dim=-1) * zi.norm(dim=-1) / sin_phi - 1).abs().max().item()),
+        dict(check="|cos(grad, z_i)|, cos", max_dev=cos(g, zi).abs().max().item()),
+        dict(check="| |z'|^2 - |z|^2 - lr^2 |grad|^2 | / |z'|^2", max_dev=(norm_gap / stepped.norm(dim=-1) ** 2).abs().max().item()),
+    ]
+    # InfoNCE (Prop. 3.2): tangency, and rescaling row i by c_i divides its gradient by c_i.
+    n_batches, B = (5, 32) if quick else (50, 64)
+    tangency, scaling, shrunk = 0.0, 0.0, 0
+    for _ in range(n_batches):
+        z = torch.randn(2 * B, 16, dtype=torch.float64) * torch.exp(torch.randn(2 * B, 1))  # (2B, D)
+        c = torch.exp(torch.randn(2 * B, 1, dtype=torch.float64))  # (2B, 1) random rescaling
+        y = torch.arange(B).repeat(2)  # view k of image b is row b + k*B
+        za, zb = z.clone().requires_grad_(True), (c * z).requires_grad_(True)
+        (ga,) = torch.autograd.grad(sup_info_nce(za, y, tau=0.5), za)
+        (gb,) = torch.autograd.grad(sup_info_nce(zb, y, tau=0.5), zb)
+        tangency = max(tangency, cos(ga, z).abs().max().item())
+        scaling = max(scaling, ((c * gb - ga).abs().max() / ga.abs().max()).item())
+        shrunk += int(((z - 1.0 * ga).norm(dim=-1) < z.norm(dim=-1)).sum())
+    rows += [
+        dict(check="|cos(grad, z_i)|, InfoNCE (Prop 3.2)", max_dev=tangency),
+        dict(check="|c grad(c z) - grad(z)| / max|grad|, InfoNCE", max_dev=scaling),
+        dict(check="InfoNCE steps (lr=1) that shrank a norm", max_dev=float(shrunk)),
+    ]
+    print_table(f"gradients: {n} random pairs in R^{d}, {n_batches} InfoNCE batches of {B} pairs (float64)", rows)
+    return dict(rows=rows, n_pairs=n, n_batches=n_batches), None
+
+
+def sim_bound(quick=False):
+    """Thm. 3.4: one step of size lr on -cos(z_i, z_j), |z_i| = |z_j| = rho, angle phi.
+
+    By Prop. 3.1 the step is tangent to the circle of radius rho and has length
+    lr sin(phi) / rho, so z_i turns towards z_j by theta = arctan(lr sin(phi) / rho^2);
+    if z_j moves too it turns back by the same theta. With m moving points:
+        exact   Delta-cos = cos(phi - m theta) - cos(phi)
+        general Delta-cos <= m theta <= m lr sin(phi) / rho^2          (cos is 1-Lipschitz)
+        acute   Delta-cos <= m lr sin(phi)^2 / rho^2  for phi <= pi/2  (the first-order term)
+    The gain shrinks like 1/rho^2: the embedding-norm effect in one line.
+    """
+    rhos = [0.5, 1, 2, 4] if quick else [0.25, 0.5, 1, 2, 4, 8]
+    lrs = [1e-3, 0.1, 10] if quick else [1e-3, 1e-2, 0.1, 1, 10]
+    phis = torch.linspace(0.05, math.pi - 0.05, 12 if quick else 40, dtype=torch.float64).tolist()
+    grid = torch.tensor([(r, p, lr) for r in rhos for p in phis for lr in lrs], dtype=torch.float64)
+    rho, phi, lr = grid.unbind(1)  # (M,) each
+    # A random plane per cell in R^5, so nothing depends on the coordinate axes.
+    e1, e2 = torch.linalg.qr(torch.randn(len(grid), 5, 2, dtype=torch.float64)).Q.unbind(-1)
+    zi0 = rho[:, None] * e1
+    zj0 = rho[:, None] * (phi.cos()[:, None] * e1 + phi.sin()[:, None] * e2)
+    theta = torch.atan(lr * phi.sin() / rho**2)
+    rows, summary = [], {}
+    for m in (1, 2):
+        zi, zj = zi0.clone().requires_grad_(True), zj0.clone().requires_grad_(m == 2)
+        loss = -cos(zi, zj).sum()  # cells are independent: each gets its own gradient
+        grads = torch.autograd.grad(loss, [zi, zj] if m == 2 else [zi])
+        zi_new = zi.detach() - lr[:, None] * grads[0]
+        zj_new = zj.detach() - lr[:, None] * grads[1] if m == 2 else zj0
+        gain = cos(zi_new, zj_new) - phi.cos()  # measured Delta-cos, (M,)
+        exact = (phi - m * theta).cos() - phi.cos()
+        general = m * lr * phi.sin() / rho**2
+        first_order = m * lr * phi.sin() ** 2 / rho**2
+        acute, small = phi <= math.pi / 2, lr == min(lrs)
+        ratio_small = gain[small] / first_order[small]
+        row = dict(moving=m, max_dev_from_exact=(gain - exact).abs().max().item(),
+                   worst_ratio_general=(gain / general).max().item(),
+                   worst_ratio_acute=(gain[acute] / first_order[acute]).max().item(),
+                   worst_ratio_obtuse=(gain[~acute] / first_order[~acute]).max().item(),
+                   small_lr_ratio_min=ratio_small.min().item(), small_lr_ratio_max=ratio_small.max().item())
+        rows.append(row)
+        if m == 1:  # how the best one-step gain over all angles falls with the norm
+            best = [gain[(lr == 0.1) & (rho == r)].max().item() for r in rhos]
+            summary["best_gain_by_rho"] = [dict(rho=float(r), lr=0.1, max_gain=b, max_gain_times_rho2=b * r**2)
+                                           for r, b in zip(rhos, best)]
+    print_table(f"bound: {len(grid)} cells (rho x phi x lr), measured Delta-cos / bound; "
+                f"small lr = {min(lrs)}", rows)
+    print_table("bound: largest one-step gain over phi, one moving point", summary["best_gain_by_rho"])
+
+    def draw(plt):
+        best = summary["best_gain_by_rho"]
+        return line_plot(plt, {"max over phi, lr=0.1": ([b["rho"] for b in best], [b["max_gain"] for b in best])},
+                      "rho = |z_i| = |z_j|", "one-step gain in cos", log=True)
+    return dict(rows=rows, **summary), draw
+
+
+def sim_norms(quick=False):
+    """Fig. 2a (top), App. B.1: steps to align n pairs grow like (initial norm)^2."""
+    norms = [1, 2, 3, 4] if quick else [0.25, 0.5, 0.75, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    n = 200 if quick else 500
+    z1, z2 = random_pairs(norms, n, d=20)
+    steps, _, final_norm, _ = align(z1, z2)
+    rows = [dict(norm=float(r), steps=int(s), norm_at_convergence=f.item()) for r, s, f in zip(norms, steps, final_norm)]
+    exponent = fit_exponent(norms, steps.tolist()) if (steps > 0).all() else math.nan
+    print_table(f"norms: {n} pairs in R^20, GD lr=10 on mean cos; steps until mean cos > 1 - {THRESHOLD}", rows)
+    print(f"fitted exponent a in steps ~ norm^a: {exponent:.3f} (theory: 2)")
+    draw = lambda plt: line_plot(plt, {"measured": (norms, steps.tolist())}, "initial norm", "steps", log=True)
+    return dict(rows=rows, exponent=exponent), draw
+
+
+def sim_angles(quick=False):
+    """Fig. 2a (bottom), App. B.1 and C.2: steps against the starting angle; only angles
+    near pi (antipodal positives, where the gradient vanishes) slow convergence much."""
+    alphas = [-0.5, 0.0, 0.5, 0.9, 0.99, 0.999] if quick else \
+        [-0.9, -0.6, -0.3, 0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999]
+    n, d = (200, 20) if quick else (500, 20)
+    z = unit(torch.randn(len(alphas), n, d, dtype=torch.float64))  # (K, n, d)
+    a = torch.tensor(alphas, dtype=torch.float64)[:, None, None]
+    # a -> 1 pushes the positive to the antipode -z, a -> -1 onto z itself.
+    positive = unit((1 - a.abs()) * unit(torch.randn_like(z)) - a * z)
+    start = torch.acos(cos(z, positive).clamp(-1, 1)).mean(-1)  # (K,) mean starting angle
+    steps, _, _, _ = align(z, positive, max_steps=50000)
+    rows = [dict(a=al, mean_angle_deg=math.degrees(s.item()), steps=int(t)) for al, s, t in zip(alphas, start, steps)]
+    print_table(f"angles: {n} unit pairs in R^{d}, GD lr=10; steps until mean cos > 1 - {THRESHOLD}", rows)
+    draw = lambda plt: line_plot(plt, {"measured": ([r["mean_angle_deg"] for r in rows], steps.tolist())},
+                              "mean starting angle (deg)", "steps")
+    return dict(rows=rows), draw
+
+
+def sim_weight_decay(quick=False):
+    """Table 1: `norms` plus a penalty (lambda/2)|z|^2 per embedding. Decay shrinks the
+    norms, so moderate lambda converges sooner; too large a lambda fails.
+
+    Each loss term is averaged over the n pairs, so a step first multiplies z by
+    (1 - lr lambda / n): for lambda > 2n/lr that flips the sign and grows the norm
+    ("diverged"). A smaller but still large lambda pulls the norms down to ~sqrt(lr/n).
+    There, by Thm. 3.4 with both points moving, a nearly aligned pair's angle is
+    multiplied by |1 - 2 lr / (n rho^2)| > 1 per step: each step overshoots by more than
+    it corrects, and the pairs never settle ("collapsed": never converged, norms below
+    where they started). The last two tables show the state after all steps, i.e. what
+    happens when the decay stays on after convergence.
+    """
+    norms = [1, 4] if quick else [1, 4, 7]
+    lambdas = [0, 0.1, 1, 30, 300] if quick else [0, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 300]
+    n, lr, max_steps = (200, 10.0, 1000) if quick else (500, 10.0, 6000)
+    cells = [(r, lam) for r in norms for lam in lambdas]
+    z1, z2 = random_pairs([r for r, _ in cells], n, d=20)
+    wd = torch.tensor([lam for _, lam in cells], dtype=torch.float64)
+    steps, final_cos, final_norm, diverged = align(z1, z2, wd, lr=lr, max_steps=max_steps, stop=False)
+    rows = []
+    for (r, lam), s, c, nrm, div in zip(cells, steps, final_cos, final_norm, diverged):
+        if div:
+            status = "diverged"
+        elif s < 0:
+            status = "collapsed" if nrm < r else "not converged"
+        else:
+            status = int(s)
+        rows.append(dict(norm=float(r), wd=float(lam), steps=status, cos_at_end=c.item(), norm_at_end=nrm.item()))
+    cell = {(x["norm"], x["wd"]): x for x in rows}
+    pivot = lambda key: [dict(wd=float(lam), **{f"norm {r}": cell[r, lam][key] for r in norms}) for lam in lambdas]
+    print_table(f"weight-decay: steps until mean cos > 1 - {THRESHOLD} ({n} pairs in R^20, lr=10)", pivot("steps"))
+    print_table(f"weight-decay: mean cos after all {max_steps} steps", pivot("cos_at_end"))
+    print_table(f"weight-decay: mean norm after all {max_steps} steps (sqrt(lr/n) = {math.sqrt(lr / n):.3g})",
+                pivot("norm_at_end"))
+
+    def draw(plt):
+        ok = [x for x in rows if x["wd"] > 0 and isinstance(x["steps"], int)]
+        series = {f"norm {r}": ([x["wd"] for x in ok if x["norm"] == r], [x["steps"] for x in ok if x["norm"] == r])
+                  for r in norms}
+        return line_plot(plt, series, "weight decay lambda", "steps", log=True)
+    return dict(rows=rows, table=pivot("steps")), draw
+
+
+def _class_data(centres, lift, sizes, noise=0.3):
+    """App. B.2: classes on the unit sphere seen through a fixed linear map `lift`.
+
+    centres (C, 10) unit rows, lift (64, 10). Returns x (N, 64), latent (N, 10), y (N,).
+    noise is the std of the Gaussian added to a centre before renormalizing (our choice:
+    a typical point lies ~45 degrees from its centre, so density varies within a class)."""
+    y = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
+    latent = unit(centres[y] + noise * torch.randn(len(y), centres.shape[1]))
+    return latent @ lift.T, latent, y
+
+
+def _random_geometry(n_classes=4, dim=10, obs=64):
+    centres = unit(torch.randn(n_classes, dim))  # uniform on the sphere
+    lift = torch.randn(obs, dim) / math.sqrt(dim)  # keeps |x| ~ 1
+    return centres, lift
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def _train_supcon(mlp, x, y, epochs, on_epoch=None, batch=128, tau=0.1, lr=1e-3):
+    """Supervised InfoNCE with Adam; on_epoch(epoch, z) sees all embeddings after each epoch.
+    tau and lr are our choices (common SupCon defaults), not tuned to the result."""
+    opt = torch.optim.Adam(mlp.parameters(), lr=lr)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), batch):
+            idx = perm[i:i + batch]
+            loss = sup_info_nce(mlp(x[idx]), y[idx], tau)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if on_epoch is not None:
+            with torch.no_grad():
+                on_epoch(epoch + 1, mlp(x))
+    return mlp
+
+
+def sim_density(quick=False):
+    """Sec. 4.2, Fig. 2b, App. B.2: after training, denser regions get larger norms, so an
+    embedding's norm is anti-correlated with its k-NN distance (inverse density).
+
+    We measure the k-NN distance both in the embedding space and in the true latent space.
+    The embedding-space correlation is already negative for the untrained network (a
+    random ReLU map has that bias by itself), so the change in the latent-space one is
+    the cleaner evidence that training put density into the norms.
+    """
+    per_class, epochs = (250, 30) if quick else (1000, 100)
+    centres, lift = _random_geometry()
+    x, latent, y = _class_data(centres, lift, [per_class] * 4)
+    mlp = _mlp()
+    with torch.no_grad():
+        z_init = mlp(x)  # (N, 10)
+    z = _train_supcon(mlp, x, y, epochs)(x).detach()  # (N, 10)
+    knn_latent = knn_distance(latent)
+    rows = [dict(network=name, spearman_embedding_knn=spearman(e.norm(dim=-1), knn_distance(e)),
+                 spearman_latent_knn=spearman(e.norm(dim=-1), knn_latent), mean_norm=e.norm(dim=-1).mean().item())
+            for name, e in (("untrained", z_init), (f"trained {epochs} ep", z))]
+    print_table(f"density: 4 classes x {per_class} points, Spearman(norm, 10-NN cosine distance); "
+                "negative = denser points have larger norms", rows)
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.scatter(knn_latent, z.norm(dim=-1), s=3, c=y, cmap="tab10")
+        ax.set(xlabel="10-NN cosine distance in latent space", ylabel="embedding norm")
+        return fig
+    return dict(rows=rows), draw
+
+
+def sim_imbalance(quick=False):
+    """Fig. 2c: with class frequencies 1:2:4:8 the frequent classes end with larger norms.
+
+    Which class is frequent is rotated over all 4 assignments on the same centres and the
+    norms are averaged per frequency, over rotations and seeds: with only 4 random centres
+    some classes sit closer together than others, and that geometry otherwise swamps the
+    frequency effect in any single run.
+    """
+    scale, epochs, every, seeds = (33, 30, 10, 2) if quick else (267, 100, 20, 2)
+    freqs = [1, 2, 4, 8]
+    history = {}  # epoch -> list over runs of mean norm per frequency
+    for _ in range(seeds):
+        centres, lift = _random_geometry()
+        for rot in range(4):
+            freq_of = [freqs[(c + rot) % 4] for c in range(4)]  # class c -> its frequency
+            x, _, y = _class_data(centres, lift, [scale * f for f in freq_of])
+
+            def record(epoch, z):
+                if epoch % every == 0:
+                    norm = {freq_of[c]: z[y == c].norm(dim=-1).mean().item() for c in range(4)}
+                    history.setdefault(epoch, []).append([norm[f] for f in freqs])
+            _train_supcon(_mlp(), x, y, epochs, on_epoch=record)
+    rows = [dict(epoch=e, **{f"x{f}": sum(run[k] for run in runs) / len(runs) for k, f in enumerate(freqs)})
+            for e, runs in sorted(history.items())]
+    print_table(f"imbalance: mean embedding norm per class frequency (class sizes {scale} x 1:2:4:8), "
+                f"mean of {seeds} seeds x 4 rotations", rows)
+
+    def draw(plt):
+        epochs_ = [r["epoch"] for r in rows]
+        return line_plot(plt, {f"x{f}": (epochs_, [r[f"x{f}"] for r in rows]) for f in freqs}, "epoch", "mean norm")
+    return dict(rows=rows, seeds=seeds), draw
+
+
+def sim_gradscale(quick=False):
+    """App. D, Prop. D.1: GradScale with power p turns the cos-sim field into
+    F_p(z) = |z|^p grad cos(z, t), of magnitude |z|^(p-1) sin(phi), i.e. |z|^(p-1) times
+    the cos-sim field at z/|z|. For p != 0 its loop integrals are non-zero, so it is not
+    the gradient of any loss. On the sector 1<r<2, pi/4<phi<3pi/4 the loop integral is
+    (2^p - 1)(cos(3pi/4) - cos(pi/4)) in closed form."""
+    t = torch.tensor([1.0, 0.0], dtype=torch.float64)  # the fixed positive
+
+    def field(z, p):  # z (M, 2) -> (M, 2): what GD on z sees with GradScale in front of cos
+        z = z.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(cos(gradscale(z, p), t).sum(), z)
+        return g
+
+    def loop_integral(path, p):  # around the closed polygon path (M, 2); 2-point Gauss rule per edge
+        seg = path.roll(-1, 0) - path  # (M, 2)
+        nodes = (0.5 - 0.5 / math.sqrt(3), 0.5 + 0.5 / math.sqrt(3))
+        return sum(0.5 * (field(path + k * seg, p) * seg).sum().item() for k in nodes)
+
+    m = 500 if quick else 4000  # points per edge
+    s = torch.linspace(0, 1, m + 1, dtype=torch.float64)[:-1]
+    arc = lambda r, a, b: r * torch.stack([torch.cos(a + (b - a) * s), torch.sin(a + (b - a) * s)], 1)
+    ray = lambda a, r0, r1: (r0 + (r1 - r0) * s)[:, None] * torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64)
+    lo, hi = math.pi / 4, 3 * math.pi / 4
+    sector = torch.cat([ray(lo, 1, 2), arc(2, lo, hi), ray(hi, 2, 1), arc(1, hi, lo)])  # counter-clockwise
+    corners = torch.tensor([[0.5, 0.5], [2.0, 0.5], [2.0, 2.0], [0.5, 2.0]], dtype=torch.float64)
+    square = torch.cat([corners[k] + s[:, None] * (corners[(k + 1) % 4] - corners[k]) for k in range(4)])
+
+    grid = torch.randn(2000, 2, dtype=torch.float64) * torch.exp(torch.randn(2000, 1))  # many norms
+    sin_phi = sin_angle(grid, t.expand_as(grid))
+    rows = []
+    for p in (0.0, 0.5, 1.0, 2.0):
+        predicted = grid.norm(dim=-1) ** (p - 1) * sin_phi
+        rows.append(dict(power=p, max_rel_dev_magnitude=(field(grid, p).norm(dim=-1) / predicted - 1).abs().max().item(),
+                         sector_loop=loop_integral(sector, p), sector_closed_form=(2**p - 1) * (math.cos(hi) - math.cos(lo)),
+                         square_loop=loop_integral(square, p)))
+    print_table(f"gradscale: field magnitude vs |z|^(p-1) sin(phi) on {len(grid)} points; "
+                f"closed-loop integrals ({m} points per edge)", rows)
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+        xy = torch.stack(torch.meshgrid(torch.linspace(-2, 2, 17, dtype=torch.float64),
+                                        torch.linspace(-2, 2, 17, dtype=torch.float64), indexing="xy"), -1).reshape(-1, 2)
+        xy = xy[xy.norm(dim=-1) > 0.2]
+        for ax, p in zip(axes, (0.0, 1.0)):
+            f = field(xy, p)
+            ax.quiver(xy[:, 0], xy[:, 1], f[:, 0], f[:, 1])
+            ax.plot(*sector.T, lw=1)
+            ax.set(title=f"power={p}", aspect="equal")
+        return fig
+    return dict(rows=rows), draw
+
+
+SUBCOMMANDS = {  # name -> (function, one line for --help)
+    "gradients": (sim_gradients, "Prop 3.1-3.2, Cor 3.3: closed-form gradient, tangency, 1/|z| scaling"),
+    "bound": (sim_bound, "Thm 3.4: one step raises the cosine by at most ~lr sin(phi)/rho^2"),
+    "norms": (sim_norms, "Fig 2a top: steps to converge grow like (initial norm)^2"),
+    "angles": (sim_angles, "Fig 2a bottom: only starting angles near pi slow convergence"),
+    "weight-decay": (sim_weight_decay, "Table 1: moderate weight decay speeds convergence, too much fails"),
+    "density": (sim_density, "Fig 2b: denser regions get larger embedding norms"),
+    "imbalance": (sim_imbalance, "Fig 2c: more frequent classes get larger embedding norms"),
+    "gradscale": (sim_gradscale, "Prop D.1: GradScale rescales the field and is not a gradient"),
+}
+
+
+def run(name, seed=0, out="runs/simulate", quick=False):
+    """Run one subcommand with a fresh seed; save its files; return its result dict."""
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    # Our tensors are tiny: with a second thread, syncing costs more than it saves, and
+    # on a busy 2-core machine it made the sweeps ~5x slower. Restored afterwards, since
+    # tests call run() inside a shared process.
+    torch.set_num_threads(1)
+    try:
+        result, draw = SUBCOMMANDS[name][0](quick=quick)
+    finally:
+        torch.set_num_threads(threads)
+    save(out, name.replace("-", "_"), result, draw)
+    return result
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad input: one sentence on stderr and exit status 2, no usage dump or traceback."""
+        sys.stderr.write(f"simulate.py: {message}; see `python simulate.py --help`.\n")
+        sys.exit(2)
+
+
+def main(argv=None):
+    common = _Parser(add_help=False)
+    common.add_argument("--seed", type=int, default=0, help="seed for every random draw (default 0)")
+    common.add_argument("--out", default="runs/simulate", help="folder for the CSV/JSON/PNG files")
+    common.add_argument("--quick", action="store_true", help="reduced sizes, seconds each (used by the tests)")
+    parser = _Parser(description="Check the theory of Draganov et al. (ICML 2025) numerically, on the CPU.")
+    sub = parser.add_subparsers(dest="name", required=True, metavar="name")
+    for name, (_, summary) in [*SUBCOMMANDS.items(), ("all", (None, "run every subcommand in order"))]:
+        sub.add_parser(name, parents=[common], help=summary, description=summary)
+    args = parser.parse_args(argv)
+    if not 0 <= args.seed < 2**63:  # torch.manual_seed's range
+        parser.error(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, ...
+        parser.error(f"cannot use --out {args.out} as the output folder ({e.strerror})")
+    names = list(SUBCOMMANDS) if args.name == "all" else [args.name]
+    start = time.time()
+    for name in names:
+        t0 = time.time()
+        run(name, seed=args.seed, out=args.out, quick=args.quick)
+        print(f"[{name}: {time.time() - t0:.1f} s]")
+    print(f"\ndone in {time.time() - start:.1f} s; files in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""One optimizer step of a method on fixed inputs, run by tests/test_ddp.py once as a
+single process and once under torchrun with 2 processes, which must agree."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import moco  # noqa: E402
+import simclr  # noqa: E402
+
+B = 8  # the global batch
+
+
+def main(method, out):
+    rank, size, _ = common.init_distributed()
+    b = B // size
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(B, 3, 16, 16, generator=g), torch.randn(B, 3, 16, 16, generator=g)
+    x1, x2 = x1[rank * b: (rank + 1) * b], x2[rank * b: (rank + 1) * b]  # this rank's share
+    torch.manual_seed(0)  # the same initial network on every rank
+    result = {}
+    if method == "infonce":
+        # The gathered-negatives gradient: each rank sees its rows of the full batch.
+        z = torch.randn(2, B, 6, generator=g)[:, rank * b: (rank + 1) * b].clone().requires_grad_()
+        simclr.info_nce(z[0], z[1], 0.5).backward()
+        result["grad"] = common.gather(z.grad.transpose(0, 1).contiguous(), grad=False).transpose(0, 1)
+        result["scaled"] = torch.tensor(float(size))
+    else:
+        if method == "simclr":
+            args = simclr.Args(proj_dim=16, batch_size=B, lr=1.0)
+            model, step, sync = simclr.build_model(args, 16), simclr.training_step, True
+        elif method == "moco-v3":
+            # SGD: Adam would turn float noise in near-zero gradients into full-size steps.
+            args = moco.resolve(moco.ArgsV3(arch="vit_tiny", mlp_dim=32, batch_size=B, lr=1.0, optimizer="sgd"))
+            model, step, sync = moco.build_model(args, 16), moco.training_step, True
+        else:  # moco-v2: per-rank BN on 2 ranks is split BN over 2 sub-batches in one process
+            torch.randperm = lambda n, **kw: torch.arange(n, device=kw.get("device"))  # no shuffle: comparable keys
+            args = moco.resolve(moco.Args(queue=16, bn_splits=2 if size == 1 else 1, batch_size=B))
+            model, step, sync = moco.build_model(args, 16), moco.training_step, False
+        if sync:
+            common.global_batchnorm(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = common.make_optimizer(args, [{"params": params}], torch.device("cpu"))
+        for i in range(2):
+            opt.zero_grad()
+            loss, _ = step(model, x1, x2, args, i / 10)
+            loss.backward()
+            common.average_gradients(params)
+            opt.step()
+        result.update({k: v for k, v in model.named_parameters()})
+        for name in ("queue", "queue_ptr"):
+            if hasattr(model, name):
+                result[name] = getattr(model, name)
+        if sync:
+            result.update({k: v for k, v in model.named_buffers() if "running" in k})
+    if rank == 0:
+        torch.save({k: v.detach() for k, v in result.items()}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,113 @@
+"""benchmarks/throughput.py: its CPU smoke run (the table, the JSON and its arithmetic), and
+that the step it times is the step common.train takes."""
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+
+import common
+import simclr
+
+SMOKE = ["benchmarks/throughput.py", "--device", "cpu", "--images", "64", "--batch-size", "16", "--size", "16",
+         "--steps", "2", "--warmup-steps", "1", "--workers", "0", "--knn-bank", "64", "--knn-queries", "32"]
+HEADER = "method   | floor s/epoch | full s/epoch | full/floor | PIL s/epoch | PIL/full | peak GB | syncs/step"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("throughput", os.path.join(ROOT, "benchmarks", "throughput.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def seconds(tree, path=""):
+    """Every (path, value) in the JSON whose key ends in _seconds."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k.endswith("_seconds"):
+                yield f"{path}.{k}", v
+            else:
+                yield from seconds(v, f"{path}.{k}")
+
+
+def test_cpu_smoke_run_prints_the_table_and_writes_consistent_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_script(*SMOKE, "--json", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert HEADER in r.stdout
+    assert "k-NN: 64 bank, 32 queries, 512-d: extract" in r.stdout
+    assert "targets: not checked" in r.stdout  # they are for a GPU at the default sizes
+    result = json.load(open(out))
+    assert set(result) == {"config", "hardware", "floor", "methods", "skipped", "knn", "targets"}
+    assert result["hardware"]["device"] == "cpu" and result["config"]["steps_per_epoch"] == 4
+    # Every method that imports is timed; one that does not is listed with its reason.
+    assert "simclr" in result["methods"] and "simsiam" in result["methods"] and "byol" in result["methods"]
+    assert set(result["methods"]) | set(result["skipped"]) == {"simclr", "simsiam", "byol", "moco"}
+    times = dict(seconds(result))
+    assert len(times) >= 3 + 5 * len(result["methods"])
+    for path, v in times.items():
+        assert isinstance(v, float) and math.isfinite(v) and v > 0, path
+    for name, m in result["methods"].items():
+        assert name in r.stdout
+        for k in ("floor_epoch_seconds", "full_epoch_seconds", "full_over_floor", "pil_epoch_seconds",
+                  "pil_over_full", "peak_gb", "full_host_syncs_per_step", "args"):
+            assert k in m, (name, k)
+        assert m["floor_epoch_seconds"] == result["floor"]["epoch_seconds"]
+        assert m["full_epoch_seconds"] == pytest.approx(4 * m["full_step_seconds"])
+        assert m["pil_epoch_seconds"] == pytest.approx(4 * m["pil_step_seconds"])
+        assert m["full_over_floor"] == pytest.approx(m["full_epoch_seconds"] / m["floor_epoch_seconds"])
+        assert m["pil_over_full"] == pytest.approx(m["pil_epoch_seconds"] / m["full_epoch_seconds"])
+        assert m["peak_gb"] is None and m["full_host_syncs_per_step"] is None  # GPU-only numbers
+        assert m["args"]["batch_size"] == 16 and m["args"]["arch"] == "resnet18"
+    knn = result["knn"]
+    assert (knn["bank"], knn["queries"], knn["dim"]) == (64, 32, 512)
+    assert knn["total_seconds"] == pytest.approx(knn["extract_seconds"] + knn["search_seconds"])
+    assert result["targets"] is None
+
+
+@pytest.mark.parametrize("argv, says", [(["--methods", "simclr,dino"], "dino"),
+                                         (["--images", "8", "--batch-size", "16"], "--images 8"),
+                                         (["--steps", "0"], "--steps")])
+def test_bad_flags_give_one_line(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_benchmark().parse(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err
+
+
+def test_timed_step_is_common_trains_step(tmp_path):
+    """Two steps of the benchmark's Trainer and two of common.train, from the same weights,
+    data order and random state, end at the same weights: the benchmark times the real loop."""
+    bench = load_benchmark()
+    args = dataclasses.replace(simclr.Args(), dataset="synthetic", batch_size=16, epochs=1, warmup=1,
+                               knn_every=0, save_every=0, device="cpu")
+    data = common.load_dataset("synthetic", "data", subset=32)
+    mean, std = common.channel_stats(data.train_x)
+    run = common.Run("simclr", args, torch.device("cpu"), data, mean, std, str(tmp_path))
+    view = run.augment()
+    model = simclr.build_model(args, data.size)
+    copy_ = copy.deepcopy(model)
+
+    # common.train may reseed the global generator when an epoch starts (seed * 100003 +
+    # epoch * 1009 + rank + 1 = 1 here); seeding 1 before both runs makes their
+    # augmentations draw the same numbers whether it does or not.
+    torch.manual_seed(1)
+    common.train(run, model, simclr.training_step, [{"params": model.parameters()}], views=(view, view))
+
+    torch.manual_seed(1)
+    optimizer = common.make_optimizer(args, bench.param_groups("simclr", copy_), run.device)
+    trainer = bench.Trainer(simclr, copy_, args, optimizer, steps_per_epoch=2)
+    # common.train's data order for epoch 0.
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(args.seed * 100003))
+    for i in range(2):
+        x = data.train_x[perm[i * 16: (i + 1) * 16]]
+        trainer(view(x), view(x))
+    for (name, a), b in zip(model.state_dict().items(), copy_.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,306 @@
+"""moco.py: losses against plain loops, the EMA and its schedule, the queue, the
+stop-gradient, cut-init of the key encoder, split BN, and both versions end to end."""
+import collections
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_script
+
+import common
+import eval_knn
+import moco
+
+TINY = ["--dataset", "synthetic", "--subset", "16", "--batch-size", "16", "--epochs", "1", "--device", "cpu"]
+
+
+def small_args(version="v2", **kw):
+    """Args for a model that builds and runs in well under a second on a CPU."""
+    if version == "v2":
+        return moco.Args(**{"dataset": "synthetic", "queue": 32, "bn_splits": 1, **kw})
+    return moco.ArgsV3(**{"dataset": "synthetic", "arch": "vit_tiny", "mlp_dim": 32, "proj_dim": 16, **kw})
+
+
+def images(n=4, size=8):
+    return torch.randn(n, 3, size, size), torch.randn(n, 3, size, size)
+
+
+def key_pairs(model):
+    """(query parameter, key parameter) pairs, by name: backbone.x <-> key_backbone.x."""
+    params = dict(model.named_parameters())
+    return [(params[name[len("key_"):]], p) for name, p in params.items() if name.startswith("key_")]
+
+
+# ----------------------------------------------------------------------------- losses
+
+def cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_queue_loss_matches_a_loop():
+    q, k, queue = torch.randn(5, 8), torch.randn(5, 8), F.normalize(torch.randn(7, 8), dim=1)
+    t = 0.2
+    losses = []
+    for i in range(5):
+        pos = cos(q[i].tolist(), k[i].tolist()) / t
+        neg = [cos(q[i].tolist(), n.tolist()) / t for n in queue]
+        losses.append(-pos + math.log(math.exp(pos) + sum(math.exp(s) for s in neg)))
+    assert moco.info_nce_queue(q, k, queue, t).item() == pytest.approx(sum(losses) / 5, rel=1e-5)
+
+
+def test_in_batch_loss_matches_a_loop():
+    q, k, t = torch.randn(6, 8), torch.randn(6, 8), 0.2
+    losses = []
+    for i in range(6):
+        s = [cos(q[i].tolist(), k[j].tolist()) / t for j in range(6)]
+        losses.append(-s[i] + math.log(sum(math.exp(x) for x in s)))
+    # The MoCo v3 paper's Alg. 1 scales the cross-entropy by 2 tau.
+    assert moco.info_nce_in_batch(q, k, t).item() == pytest.approx(2 * t * sum(losses) / 6, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- momentum encoder
+
+def test_momentum_update_is_an_ema_of_the_query_encoder():
+    model = moco.build_model(small_args(), 8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # keys and queries differ from here on
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    moco.momentum_update(model, 0.9)
+    pairs = key_pairs(model)
+    assert len(pairs) == len(list(model.backbone.parameters())) + len(list(model.projector.parameters()))
+    for name, p in model.named_parameters():
+        if name.startswith("key_"):
+            q_old, k_old = before[name[len("key_"):]], before[name]
+            torch.testing.assert_close(p, 0.9 * k_old + 0.1 * q_old)
+        else:
+            assert torch.equal(p, before[name])  # the query encoder is not touched
+
+
+def test_momentum_schedule():
+    v2 = moco.resolve(small_args(m=-1.0, queue=0))
+    big = moco.resolve(small_args(m=-1.0, queue=0, dataset="imagenet100"))
+    assert [moco.key_momentum(v2, p) for p in (0.0, 0.5, 0.99)] == [0.99] * 3 and v2.queue == 4096
+    assert moco.key_momentum(big, 0.3) == 0.999 and big.queue == 65536
+    v3 = small_args("v3")
+    # Half cosine from m = 0.99 to 1: 1 - 0.01 (1 + cos(pi t)) / 2.
+    for progress, m in [(0.0, 0.99), (1 / 3, 0.9925), (0.5, 0.995), (2 / 3, 0.9975), (1.0, 1.0)]:
+        assert moco.key_momentum(v3, progress) == pytest.approx(m, abs=1e-12)
+
+
+def test_key_encoder_moves_once_per_optimizer_step():
+    # With --accum, training_step runs several times with the same progress.
+    args = small_args("v3")
+    model = moco.build_model(args, 8)
+    with torch.no_grad():
+        for q, _ in key_pairs(model):
+            q.add_(torch.randn_like(q))
+    x1, x2 = images()
+
+    def keys_after(progress):
+        moco.training_step(model, x1, x2, args, progress)
+        return [k.clone() for _, k in key_pairs(model)]
+
+    k0 = [k.clone() for _, k in key_pairs(model)]
+    k1 = keys_after(0.25)
+    m = moco.key_momentum(args, 0.25)
+    for (q, _), a, b in zip(key_pairs(model), k0, k1):
+        torch.testing.assert_close(b, m * a + (1 - m) * q)
+    assert all(torch.equal(a, b) for a, b in zip(k1, keys_after(0.25)))  # second micro-batch: no move
+    k2 = keys_after(0.5)  # the next optimizer step
+    m = moco.key_momentum(args, 0.5)
+    for (q, _), a, b in zip(key_pairs(model), k1, k2):
+        torch.testing.assert_close(b, m * a + (1 - m) * q)
+
+
+# ----------------------------------------------------------------------------- queue
+
+def test_queue_is_fifo_wraps_around_and_holds_detached_keys():
+    model = moco.build_model(small_args(queue=6, proj_dim=3), 8)
+    reference = collections.deque(model.queue.tolist(), maxlen=6)  # oldest first
+    for step in range(4):  # batches of 4 into 6 slots: the pointer wraps mid-batch
+        k = torch.randn(4, 3, requires_grad=True)
+        moco.enqueue(model, k * 2)
+        reference.extend((k * 2).tolist())
+        ptr = int(model.queue_ptr)
+        assert ptr == 4 * (step + 1) % 6
+        torch.testing.assert_close(model.queue.roll(-ptr, dims=0), torch.tensor(list(reference)))
+        assert not model.queue.requires_grad and model.queue.grad_fn is None
+
+
+def test_keys_are_enqueued_after_the_loss():
+    args = small_args()
+    model = moco.build_model(args, 8)
+    before = copy.deepcopy(model)
+    x1, x2 = images()
+    loss, stats = moco.training_step(model, x1, x2, args, 0.0)
+    # The same loss from scratch, with the queue as it was: this batch's keys are not negatives yet.
+    h, q = before(x1)
+    k = F.normalize(before.keys(x2), dim=1)
+    torch.testing.assert_close(loss, moco.info_nce_queue(q, k, before.queue, args.temperature))
+    torch.testing.assert_close(model.queue[:4], k)
+    assert torch.equal(model.queue[4:], before.queue[4:]) and int(model.queue_ptr) == 4
+    torch.testing.assert_close(stats["emb_norm_mean"], q.norm(dim=1).mean())
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_no_gradient_reaches_the_key_encoder(version):
+    args = small_args(version)
+    model = moco.build_model(args, 8)
+    for _, k in key_pairs(model):
+        k.requires_grad_(True)  # so only the no_grad key path can keep gradients out
+    loss, _ = moco.training_step(model, *images(), args, 0.0)
+    loss.backward()
+    for _, k in key_pairs(model):
+        assert k.grad is None
+    frozen = {"backbone.conv_proj.weight", "backbone.conv_proj.bias"} if version == "v3" else set()
+    for name, p in model.named_parameters():
+        if not name.startswith("key_"):
+            assert (p.grad is None) == (name in frozen), name
+
+
+def test_frozen_patch_projection_stays_put():
+    args = small_args("v3")
+    model = moco.build_model(args, 8)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    conv = model.backbone.conv_proj.weight
+    assert not conv.requires_grad and not any(p is conv for p in trainable)
+    before = conv.clone()
+    head = model.backbone.encoder.layers[0].mlp[0].weight.clone()
+    opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.1)
+    loss, _ = moco.training_step(model, *images(), args, 0.0)
+    loss.backward()
+    opt.step()
+    assert torch.equal(conv, before) and not torch.equal(model.backbone.encoder.layers[0].mlp[0].weight, head)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_gradscale_scales_the_gradient_of_q(version):
+    # q is the projector output in v2 and the predictor output in v3: the gradient arriving
+    # there with power 1 is the plain one times ||q_i|| (GradScale, embedding-norms paper).
+    args = small_args(version)
+    model = moco.build_model(args, 8)
+    last = model.projector if version == "v2" else model.predictor
+    x1, x2 = images()
+    outputs, grads = [], {}
+
+    def keep(module, inputs, out):  # record q and, during backward, the gradient that reaches it
+        i = len(outputs)
+        outputs.append(out.detach())
+        out.register_hook(lambda g: grads.__setitem__(i, g))
+
+    last.register_forward_hook(keep)
+    for power in (0.0, 1.0):
+        loss, _ = moco.training_step(copy.deepcopy(model), x1, x2, dataclasses.replace(args, power=power), 0.0)
+        loss.backward()
+    n = len(outputs) // 2  # one (v2) or two (v3) query outputs per step
+    assert n == (1 if version == "v2" else 2) and len(grads) == 2 * n
+    for i in range(n):
+        torch.testing.assert_close(outputs[i], outputs[n + i])
+        torch.testing.assert_close(grads[n + i], grads[i] * outputs[i].norm(dim=1, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- cut-init and BN
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_cut_init_reaches_the_key_encoder_exactly(version):
+    torch.manual_seed(1)
+    plain = moco.build_model(small_args(version), 8)
+    torch.manual_seed(1)
+    cut = moco.build_model(small_args(version, cut=3.0), 8)
+    for (name, p), p_plain in zip(cut.named_parameters(), plain.parameters()):
+        if not name.startswith("key_"):
+            assert torch.equal(p, p_plain / 3), name
+    for q, k in key_pairs(cut):
+        assert torch.equal(q, k)
+
+
+def test_split_batchnorm_is_bn_per_sub_batch():
+    bn = moco.SplitBatchNorm(3, splits=4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(8, 3, 5, 5) * 3 + 1
+    y = bn(x)
+    chunks = x.chunk(4)
+    ref = torch.cat([F.batch_norm(c, None, None, bn.weight, bn.bias, training=True) for c in chunks])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    # Running statistics: one momentum-0.1 step from (0, 1) towards the sub-batches' mean statistics.
+    means = torch.stack([c.mean(dim=(0, 2, 3)) for c in chunks]).mean(0)
+    var = torch.stack([c.var(dim=(0, 2, 3)) for c in chunks]).mean(0)
+    torch.testing.assert_close(bn.running_mean, 0.1 * means)
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * var)
+    bn.eval()
+    torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+
+
+def test_shuffled_keys_come_back_in_image_order():
+    # With one BN split the key encoder's output does not depend on the batch order.
+    model = moco.build_model(small_args(bn_splits=1), 8)
+    x = images(8)[0]  # 8! orders, so the shuffle is almost surely not the identity
+    torch.testing.assert_close(model.keys(x, shuffle=True), model.keys(x), atol=1e-5, rtol=1e-5)
+    split = moco.build_model(small_args(bn_splits=4), 8)
+    assert sum(isinstance(m, moco.SplitBatchNorm) for m in split.key_backbone.modules()) == 20  # every BN of ResNet-18
+
+
+# ----------------------------------------------------------------------------- flags
+
+def test_version_picks_the_defaults():
+    v3 = common.parse_args(moco.args_class(["--version=v3"]), moco.__doc__, ["--version=v3"])
+    assert (v3.arch, v3.optimizer, v3.lr, v3.wd, v3.warmup, v3.proj_dim) == ("vit_small", "adamw", 1.5e-4, 0.1, 40, 256)
+    v2 = common.parse_args(moco.args_class([]), moco.__doc__, [])
+    assert (v2.version, v2.arch, v2.optimizer, v2.lr, v2.warmup, v2.proj_dim) == ("v2", "resnet18", "sgd", 0.03, 0, 128)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "12"], "must be a multiple of --bn-splits 8"),
+    (["--queue", "8"], "--queue 8 must hold at least one batch of 16 keys"),
+])
+def test_bad_flags_are_one_sentence(flags, message, tmp_path):
+    with pytest.raises(common.UsageError, match=message):
+        moco.main([*TINY, "--out", str(tmp_path / "run"), *flags])
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def train_and_evaluate(tmp_path_factory, *flags):
+    out = tmp_path_factory.mktemp("moco")
+    r = run_script("moco.py", *TINY, *flags, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    line = json.loads(open(out / "metrics.jsonl").read())
+    for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):
+        assert isinstance(line[key], float) and math.isfinite(line[key]), key
+    r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu", "--json", str(out / "knn.json"))
+    assert r.returncode == 0, r.stderr
+    # eval_knn rebuilt the network from the checkpoint alone and finds the logged accuracy.
+    assert f"moco epoch 1 on synthetic: weighted 200-NN top-1 = {line['knn_top1']:.2f}%" in r.stdout
+    return out, common.load_checkpoint(str(out / "last.pt"))
+
+
+def test_v2_end_to_end(tmp_path_factory):
+    out, ckpt = train_and_evaluate(tmp_path_factory, "--version", "v2", "--queue", "24", "--cut", "3")
+    # One step of 16 keys into 24 slots (the wrap-around is tested above).
+    assert int(ckpt["model"]["queue_ptr"]) == 16 and ckpt["model"]["queue"].shape == (24, 128)
+    assert ckpt["args"]["m"] == 0.99 and ckpt["args"]["version"] == "v2"
+    with pytest.raises(common.UsageError, match="has no predictor"):
+        eval_knn.main([str(out / "last.pt"), "--device", "cpu", "--space", "predictor"])
+
+
+def test_v3_end_to_end(tmp_path_factory):
+    out, ckpt = train_and_evaluate(tmp_path_factory, "--version", "v3", "--arch", "vit_tiny", "--mlp-dim", "64",
+                                   "--power", "1")
+    assert ckpt["args"]["optimizer"] == "adamw" and "queue" not in ckpt["model"]
+    # AdamW holds state only for trained parameters: not the key encoder, not the patch projection.
+    model = moco.build_model(moco.ArgsV3(**ckpt["args"]), 16)
+    assert len(ckpt["optimizer"]["state"]) == sum(p.requires_grad for p in model.parameters())
+    assert torch.equal(ckpt["model"]["backbone.conv_proj.weight"], ckpt["model"]["key_backbone.conv_proj.weight"])
+    result = eval_knn.main([str(out / "last.pt"), "--device", "cpu", "--space", "predictor", "--k", "5"])
+    assert result["space"] == "predictor" and 0 <= result["knn_top1"] <= 100

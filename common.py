@@ -73,7 +73,8 @@ class Args:
     momentum: float = arg(0.9, "SGD momentum")
     warmup: int = arg(10, "epochs of linear lr warmup before the cosine decay")
     cut: float = arg(1.0, "cut-initialization constant c: every initial weight is divided by c (1: off)")
-    power: float = arg(0.0, "GradScale power p: scale each embedding's gradient by ||z||^p (0: off)")
+    power: float = arg(0.0, "GradScale power p: scale each embedding's gradient by ||z||^p (0: off); "
+                        "unless --warmup is given, p != 0 also sets --warmup 100 (the paper's GradScale schedule)")
     knn_every: int = arg(10, "evaluate k-NN top-1 every N epochs (and after the last); 0: only at the end")
     save_every: int = arg(50, "keep a copy of the checkpoint as epoch<N>.pt every N epochs (0: never)")
     seed: int = arg(0, "random seed (data order, augmentations, initialization)")
@@ -580,8 +581,18 @@ class Augment:
             x = torch.where(u() < self.blur_p, gaussian_blur(x, sigma, kernel), x)
         if self.solarize_p > 0:
             x = torch.where(u() < self.solarize_p, solarize(x), x)
-        x = (x - torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+        mean, std = self.stats(dev)
+        x = (x - mean) / std
         return x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
+
+    def stats(self, device):
+        """mean and std as (1, 3, 1, 1) tensors on device, made once: a host-to-device copy
+        in every step would make the CPU wait for the GPU."""
+        cache = self.__dict__.setdefault("_stats", {})
+        if device not in cache:
+            cache[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                             torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+        return cache[device]
 
     def color_jitter(self, x, apply):
         """torchvision's ColorJitter with its own factors and op order for every image;
@@ -943,6 +954,7 @@ def setup(method, args):
         check_resume_target(path, ckpt)
         args = merge_resume_args(ckpt["args"], args)
     else:
+        args = gradscale_preset(args)
         folder = args.out or os.path.join(
             "runs", f"{method}-{args.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
@@ -974,6 +986,20 @@ def setup(method, args):
             with open(os.path.join(folder, "args.json"), "w") as fh:
                 json.dump({"format": FORMAT, "method": method, "args": dataclasses.asdict(args)}, fh, indent=1)
     return Run(method, args, device, data.to(device), mean, std, folder, ckpt, rank, size)
+
+
+GRADSCALE_WARMUP = 100  # epochs (embedding-norms paper, Sec. 6, "GradScale Layer")
+
+
+def gradscale_preset(args):
+    """With GradScale on (--power != 0) and no --warmup typed, warm up for 100 epochs as the
+    paper does: scaling gradients by ||z||^p makes the first steps much larger."""
+    if args.power and "warmup" not in getattr(args, "given", set()) and args.warmup < GRADSCALE_WARMUP:
+        print(f"GradScale preset: --warmup {GRADSCALE_WARMUP} (pass --warmup to override)", file=sys.stderr)
+        given = args.given
+        args = dataclasses.replace(args, warmup=GRADSCALE_WARMUP)
+        args.given = given
+    return args
 
 
 def check_resume_target(path, ckpt):
@@ -1022,8 +1048,8 @@ class Diverged(UsageError):
     """The loss became NaN or infinite."""
 
 
-def check_finite(stats, epoch, step, args):
-    if not torch.isfinite(stats["loss"]).item():
+def check_finite(loss, epoch, step, args):
+    if not math.isfinite(loss):
         hints = []
         if args.power:
             hints.append(f"GradScale (--power {args.power}) scales gradients by the embedding norm, so it needs a "
@@ -1031,8 +1057,80 @@ def check_finite(stats, epoch, step, args):
         if args.wd >= 1e-3:
             hints.append(f"--wd {args.wd} is large")
         hints.append(f"--lr {args.lr} may be too high")
-        raise Diverged(f"the loss became {stats['loss'].item()} at epoch {epoch + 1}, step {step + 1}; "
+        raise Diverged(f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
                        f"{'; '.join(hints)}. Training stopped; last.pt still holds the last good epoch")
+
+
+class LaggedReader:
+    """Reads a step's loss and embedding norm one step late. On CUDA the values are copied
+    to pinned host memory as soon as the forward pass has queued them, and an event marks
+    the copy; by the time the next step has been queued that event is long done, so the
+    CPU never waits for the GPU to finish the step it has just launched."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.queue = []  # (step, host values, event or None)
+
+    def push(self, step, loss, norm):
+        values = torch.stack([loss.detach().float(), norm.detach().float()])
+        event = None
+        if self.cuda:
+            host = torch.empty(2, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self.queue.append((step, values, event))
+
+    def pop(self, keep=1):
+        """Yield (step, loss, norm) of all but the newest `keep` pushed steps."""
+        while len(self.queue) > keep:
+            step, values, event = self.queue.pop(0)
+            if event is not None:
+                event.synchronize()
+            loss, norm = values.tolist()
+            yield step, loss, norm
+
+
+class Stepper:
+    """One optimizer step of the shared loop: lr schedule, the method's training_step on
+    each micro-batch under autocast, backward, stats summed on the device, gradients
+    averaged over ranks, the optimizer step, and the previous step's loss checked. train()
+    runs it; benchmarks/throughput.py times exactly this."""
+
+    def __init__(self, model, training_step, optimizer, args, steps_per_epoch, device):
+        self.model, self.training_step, self.optimizer, self.args = model, training_step, optimizer, args
+        self.steps_per_epoch = steps_per_epoch
+        self.total = args.epochs * steps_per_epoch
+        self.warmup = args.warmup * steps_per_epoch
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = device
+        self.reader = LaggedReader(device)
+        self.sums = {}  # per-epoch sums of the stats, on the device
+        self.shown = None  # (loss, norm) of the last checked step, for the progress bar
+
+    def __call__(self, step, batches, views):
+        """Train on the uint8 micro-batches of one step; returns the lr used."""
+        lr = set_lr(self.optimizer, lr_factor(step, self.total, self.warmup))
+        self.optimizer.zero_grad(set_to_none=True)
+        for a, x in enumerate(batches):
+            x1, x2 = views[0](x), views[1](x)
+            with autocast(self.device):
+                loss, stats = self.training_step(self.model, x1, x2, self.args, step / max(1, self.total))
+            if a == len(batches) - 1:
+                self.reader.push(step, loss, stats["emb_norm_mean"])
+            (loss / len(batches)).backward()
+            for k, v in {"loss": loss.detach(), **stats}.items():
+                self.sums[k] = self.sums.get(k, 0) + v.float() / len(batches)
+        average_gradients(self.params)
+        self.optimizer.step()
+        self.check(keep=1)  # the previous step, which the GPU has finished by now
+        return lr
+
+    def check(self, keep=0):
+        for done, loss, norm in self.reader.pop(keep):
+            check_finite(loss, done // self.steps_per_epoch, done % self.steps_per_epoch, self.args)
+            self.shown = (loss, norm)
 
 
 def train(run, model, training_step, groups, views, sync_bn=True):
@@ -1058,8 +1156,6 @@ def train(run, model, training_step, groups, views, sync_bn=True):
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(args, groups, device)
     steps_per_epoch = len(data.train_x) // args.batch_size
-    total = args.epochs * steps_per_epoch
-    warmup = args.warmup * steps_per_epoch
     start_epoch = 0
     if run.ckpt:
         model.load_state_dict(run.ckpt["model"])
@@ -1068,7 +1164,7 @@ def train(run, model, training_step, groups, views, sync_bn=True):
         set_rng_state(run.ckpt["rng"])
     local = args.batch_size // run.world  # this rank's share of each global batch
     micro = local // args.accum
-    params = [p for p in model.parameters() if p.requires_grad]
+    stepper = Stepper(model, training_step, optimizer, args, steps_per_epoch, device)
     from tqdm import tqdm
 
     for epoch in range(start_epoch, args.epochs):
@@ -1080,33 +1176,18 @@ def train(run, model, training_step, groups, views, sync_bn=True):
         perm = perm.to(device)
         # Augmentations differ per rank and are reproducible per epoch (exact resume).
         torch.manual_seed(args.seed * 100003 + epoch * 1009 + run.rank + 1)
-        sums, previous = {}, None
+        stepper.sums = {}
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=True if run.rank else None, dynamic_ncols=True)
         for i in bar:
-            step = epoch * steps_per_epoch + i
-            lr = set_lr(optimizer, lr_factor(step, total, warmup))
-            optimizer.zero_grad(set_to_none=True)
-            for a in range(args.accum):
-                start = i * args.batch_size + run.rank * local + a * micro
-                idx = perm[start: start + micro]
-                x = data.train_x[idx]
-                x1, x2 = views[0](x), views[1](x)
-                with autocast(device):
-                    loss, stats = training_step(model, x1, x2, args, step / max(1, total))
-                (loss / args.accum).backward()
-                stats = {"loss": loss.detach().float(), **stats}
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0) + v.float() / args.accum
-            average_gradients(params)
-            optimizer.step()
-            if previous is not None:
-                check_finite(previous, epoch, step - 1, args)
-                if not bar.disable and i % 10 == 1:
-                    bar.set_postfix(loss=f"{previous['loss'].item():.4f}", norm=f"{previous['emb_norm_mean'].item():.3f}")
-            previous = stats
+            start = i * args.batch_size + run.rank * local
+            batches = [data.train_x[perm[start + a * micro: start + (a + 1) * micro]] for a in range(args.accum)]
+            lr = stepper(epoch * steps_per_epoch + i, batches, views)
+            if stepper.shown and not bar.disable:
+                bar.set_postfix(loss=f"{stepper.shown[0]:.4f}", norm=f"{stepper.shown[1]:.3f}", refresh=False)
         bar.close()
-        check_finite(previous, epoch, step, args)
+        stepper.check()
+        sums = stepper.sums
         if run.world > 1:  # log the mean over ranks
             import torch.distributed as dist
             flat = torch.stack([sums[k] for k in sorted(sums)])

@@ -241,31 +241,20 @@ def method_views(name, module, run, args):
 
 
 class Trainer:
-    """One optimizer step of common.train's inner loop (accum 1): the lr schedule, the
-    method's training_step under autocast, backward, the stats summed on the device, the
-    optimizer step and the lagged finiteness check (its one explicit host read per step).
-    A copy of that loop, kept by hand: when common.train changes, change this too."""
+    """The training loop's own step (common.Stepper), fed one batch at a time: what is
+    timed here is exactly what common.train runs."""
 
     def __init__(self, module, model, args, optimizer, steps_per_epoch):
-        self.training_step, self.model, self.args, self.optimizer = module.training_step, model, args, optimizer
-        self.total = args.epochs * steps_per_epoch  # the schedule of a full-length run
-        self.warmup = args.warmup * steps_per_epoch
-        self.step, self.previous, self.sums = 0, None, {}
+        device = next(model.parameters()).device
+        self.stepper = common.Stepper(model, module.training_step, optimizer, args, steps_per_epoch, device)
+        self.step = 0
 
-    def __call__(self, x1, x2):
-        common.set_lr(self.optimizer, common.lr_factor(self.step, self.total, self.warmup))
-        self.optimizer.zero_grad(set_to_none=True)
-        with common.autocast(x1.device):
-            loss, stats = self.training_step(self.model, x1, x2, self.args, self.step / max(1, self.total))
-        loss.backward()
-        stats = {"loss": loss.detach().float(), **stats}
-        for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0) + v.float()
-        self.optimizer.step()
-        if self.previous is not None:
-            common.check_finite(self.previous, 0, self.step - 1, self.args)
-        self.previous = stats
+    def __call__(self, x, views):
+        self.stepper(self.step, [x], views)
         self.step += 1
+
+
+PRE_MADE = (lambda pair: pair[0], lambda pair: pair[1])  # "views" of an already augmented pair
 
 
 def measure_method(name, module, args, cfg, run, floor, pil_batches):
@@ -289,7 +278,7 @@ def measure_method(name, module, args, cfg, run, floor, pil_batches):
         if i == 0:  # a new epoch, a new order, as in common.train
             perm = torch.randperm(len(data.train_x)).to(device)
         x = data.train_x[perm[i * cfg.batch_size: (i + 1) * cfg.batch_size]]  # (B, 3, H, W) uint8
-        trainer(views[0](x), views[1](x))
+        trainer(x, views)
 
     full = seconds_per_step(full_step, cfg.steps, cfg.warmup_steps, device)
     row = {"floor_epoch_seconds": floor["epoch_seconds"], "full_step_seconds": full,
@@ -300,7 +289,7 @@ def measure_method(name, module, args, cfg, run, floor, pil_batches):
             x1, x2 = (v.to(device, non_blocking=True) for v in next(pil_batches))
             if device.type == "cuda":
                 x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
-            trainer(x1, x2)
+            trainer((x1, x2), PRE_MADE)
 
         reset_peak(device)
         # The loader's queue may hold prefetch_factor x workers batches made while the GPU

@@ -84,7 +84,7 @@ def test_bad_flags_give_one_line(argv, says, capsys):
 
 def test_timed_step_is_common_trains_step(tmp_path):
     """Two steps of the benchmark's Trainer and two of common.train, from the same weights,
-    data order and random state, end at the same weights: the benchmark times the real loop."""
+    data order and random state, end at the same weights: the benchmark times the real step."""
     bench = load_benchmark()
     args = dataclasses.replace(simclr.Args(), dataset="synthetic", batch_size=16, epochs=1, warmup=1,
                                knn_every=0, save_every=0, device="cpu")
@@ -108,6 +108,6 @@ def test_timed_step_is_common_trains_step(tmp_path):
     perm = torch.randperm(32, generator=torch.Generator().manual_seed(args.seed * 100003))
     for i in range(2):
         x = data.train_x[perm[i * 16: (i + 1) * 16]]
-        trainer(view(x), view(x))
+        trainer(x, (view, view))
     for (name, a), b in zip(model.state_dict().items(), copy_.state_dict().values()):
         assert torch.equal(a, b), name

@@ -156,3 +156,12 @@ def test_embedding_stats():
     assert s["emb_norm_mean"].item() == pytest.approx(3.5) and s["feat_norm_mean"].item() == pytest.approx(7.0)
     collapsed = common.embedding_stats(torch.ones(5, 3) * torch.arange(1, 6.0)[:, None], torch.ones(5, 3))
     assert collapsed["collapse_std"].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_gradscale_preset_lengthens_warmup_unless_given(capsys):
+    args = common.parse_args(simclr.Args, simclr.__doc__, ["--power", "1"])
+    assert common.gradscale_preset(args).warmup == 100 and "GradScale preset" in capsys.readouterr().err
+    args = common.parse_args(simclr.Args, simclr.__doc__, ["--power", "1", "--warmup", "10"])
+    assert common.gradscale_preset(args).warmup == 10
+    args = common.parse_args(simclr.Args, simclr.__doc__, [])
+    assert common.gradscale_preset(args).warmup == 10

@@ -131,20 +131,23 @@ def training_step(model, x1, x2, args, progress):
     return loss, {**stats, "tau": torch.tensor(tau)}
 
 
+def views(run, args):
+    """BYOL's asymmetric views (App. B, Table 6): blur always in view 1, rarely in view 2
+    (Augment skips blur below 64 px, as the CIFAR recipes do); solarize only in view 2.
+    The crop keeps the CIFAR scale (0.2, 1) of SimSiam and the norms paper: BYOL's 0.08 is
+    an ImageNet setting and leaves ~9 px of a 32 px image."""
+    jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (BYOL App. B)
+    return (run.augment(jitter=jitter, jitter_p=0.8, grey_p=0.2, blur_p=1.0, solarize_p=0.0),
+            run.augment(jitter=jitter, jitter_p=0.8, grey_p=0.2, blur_p=0.1, solarize_p=0.2))
+
+
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
     run = common.setup("byol", args)
     model = build_model(run.args, run.data.size)
-    # BYOL's asymmetric views (App. B, Table 6): blur always in view 1, rarely in view 2
-    # (Augment skips blur below 64 px, as the CIFAR recipes do); solarize only in view 2.
-    # The crop keeps the CIFAR scale (0.2, 1) of SimSiam and the norms paper: BYOL's 0.08 is
-    # an ImageNet setting and leaves ~9 px of a 32 px image.
-    jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (BYOL App. B)
-    view1 = run.augment(jitter=jitter, jitter_p=0.8, grey_p=0.2, blur_p=1.0, solarize_p=0.0)
-    view2 = run.augment(jitter=jitter, jitter_p=0.8, grey_p=0.2, blur_p=0.1, solarize_p=0.2)
     # Only the online network is optimized; the target is not in any param group.
     params = [*model.backbone.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
-    common.train(run, model, training_step, [{"params": params}], views=(view1, view2))
+    common.train(run, model, training_step, [{"params": params}], views=views(run, args))
 
 
 if __name__ == "__main__":

@@ -230,12 +230,8 @@ def param_groups(name, model):
 
 def method_views(name, module, run, args):
     """The two Augment recipes the method's main() trains with."""
-    if hasattr(module, "views"):  # moco.py exposes its recipes
+    if hasattr(module, "views"):  # byol.py and moco.py expose their recipes
         return module.views(run, args)
-    if name == "byol":  # copied from byol.main(): asymmetric blur and solarization
-        jitter = (0.4, 0.4, 0.2, 0.1)
-        return (run.augment(jitter=jitter, jitter_p=0.8, grey_p=0.2, blur_p=1.0, solarize_p=0.0),
-                run.augment(jitter=jitter, jitter_p=0.8, grey_p=0.2, blur_p=0.1, solarize_p=0.2))
     view = run.augment()  # SimCLR and SimSiam: the default recipe for both views
     return view, view
 

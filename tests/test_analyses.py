@@ -19,19 +19,6 @@ import eval_knn as ek
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny, so a second thread gains nothing; on a busy 2-core machine
-    the OpenMP threads wait on each other and one thread runs this file several times
-    faster (measured: the tiny training epoch 16 s instead of 68 s). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")  # for the scripts run in subprocesses
-        yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- rank statistics
 
 def test_ranks_average_ties():

@@ -3,10 +3,7 @@ stop-gradient into the target, cut-init reaching the target, GradScale on p, and
 real script end to end on the synthetic data."""
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,18 +11,7 @@ import torch
 
 import byol
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tensors here are tiny: a second thread gains nothing, and on a shared 2-core machine
-# OpenMP threads waiting for each other made these tests ~10x slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import ROOT, run_script
 
 
 def squared_distance_of_unit_vectors(p, z):
@@ -147,8 +133,8 @@ def test_target_is_updated_once_per_optimizer_step():
         torch.testing.assert_close(xi, tau * old + (1 - tau) * theta)
 
 
-def run(*cmd):
-    return subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+def run(*cmd, cwd=ROOT):
+    return run_script(*cmd, cwd=cwd)
 
 
 def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):

@@ -1,7 +1,6 @@
 """Plumbing: cut-init, schedule, optimizer, checkpoints, k-NN, argument checks."""
 import math
 import os
-import pickle
 
 import pytest
 import torch

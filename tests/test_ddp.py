@@ -1,22 +1,22 @@
 """torchrun with 2 CPU processes (gloo) against one process on the same global batch."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-import common
-from conftest import ROOT, run_script
+from conftest import run_script
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# Two processes on two cores: one thread each, or they fight over the cores.
+ONE = 1
 
 
 def one_and_two(method, tmp_path):
     single, double = tmp_path / "one.pt", tmp_path / "two.pt"
     r = run_script("tests/ddp_worker.py", method, str(single))
     assert r.returncode == 0, r.stderr
-    r = run_script(*TORCHRUN, "tests/ddp_worker.py", method, str(double))
+    r = run_script(*TORCHRUN, "tests/ddp_worker.py", method, str(double), threads=ONE)
     assert r.returncode == 0, r.stderr
     return torch.load(single, weights_only=True), torch.load(double, weights_only=True)
 
@@ -46,7 +46,7 @@ def test_two_processes_take_the_same_steps_as_one(method, tmp_path):
 def test_every_script_trains_under_torchrun(script, tmp_path):
     out = tmp_path / "run"
     r = run_script(*TORCHRUN, *script, "--dataset", "synthetic", "--subset", "32", "--batch-size", "16",
-                   "--epochs", "1", "--device", "cpu", "--out", str(out))
+                   "--epochs", "1", "--device", "cpu", "--out", str(out), threads=ONE)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["args.json", "last.pt", "metrics.jsonl"]  # rank 0 alone writes
     lines = open(out / "metrics.jsonl").read().splitlines()
@@ -57,6 +57,6 @@ def test_every_script_trains_under_torchrun(script, tmp_path):
 
 def test_batch_must_split_evenly_over_ranks(tmp_path):
     r = run_script(*TORCHRUN, "simclr.py", "--dataset", "synthetic", "--subset", "32", "--batch-size", "15",
-                   "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run"))
+                   "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run"), threads=ONE)
     assert r.returncode != 0 and "must be a multiple of 2 processes" in r.stderr
     assert not (tmp_path / "run").exists()

@@ -2,10 +2,7 @@
 fix-pred-lr, and the real script end to end on the synthetic data."""
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,18 +10,7 @@ import torch
 
 import simsiam
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tensors here are tiny: a second thread gains nothing, and on a shared 2-core machine
-# OpenMP threads waiting for each other made these tests ~10x slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import ROOT, run_script
 
 
 def cosines(p, z):
@@ -103,7 +89,7 @@ def test_cut_init_divides_every_initial_weight():
 
 
 def run(*cmd, cwd=ROOT):
-    return subprocess.run([sys.executable, *cmd], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
+    return run_script(*cmd, cwd=cwd)
 
 
 def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):

@@ -63,7 +63,6 @@ class BYOL(nn.Module):
         # The target never receives a gradient; update_target moves it.
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self.target_progress = 0.0  # progress of the last EMA update; at 0 the target equals the online net
 
     def forward(self, x):
         h = self.backbone(x)  # (B, 512) for ResNet-18
@@ -91,7 +90,7 @@ def update_target(model, tau):
     online = [*model.backbone.parameters(), *model.projector.parameters()]
     target = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
     for xi, theta in zip(target, online):
-        xi.mul_(tau).add_(theta, alpha=1 - tau)
+        xi.lerp_(theta, 1 - tau)  # tau xi + (1 - tau) theta, and exactly xi where theta == xi
 
 
 # ----------------------------------------------------------------------------- loss
@@ -111,13 +110,13 @@ def byol_loss(p1, p2, z1_target, z2_target):
 
 # ----------------------------------------------------------------------------- training step
 
+def before_step(model, args, progress):
+    """common.train calls this once per optimizer step, before the step's micro-batches:
+    the target follows the online weights that the previous step produced."""
+    update_target(model, target_tau(args.tau_base, progress))
+
+
 def training_step(model, x1, x2, args, progress):
-    tau = target_tau(args.tau_base, progress)
-    # The target follows the weights the last optimizer step produced. common.train calls this
-    # once per micro-batch, so with --accum only the first micro-batch of a step updates it.
-    if progress != model.target_progress:
-        update_target(model, tau)
-        model.target_progress = progress
     h1, p1 = model(x1)
     h2, p2 = model(x2)
     # Stop-gradient: the loss must not move the target, only the EMA above does.
@@ -128,7 +127,7 @@ def training_step(model, x1, x2, args, progress):
     p1, p2 = gradscale(p1, args.power), gradscale(p2, args.power)
     loss = byol_loss(p1, p2, z1_target, z2_target)
     stats = common.embedding_stats(torch.cat([p1, p2]), torch.cat([h1, h2]))
-    return loss, {**stats, "tau": torch.tensor(tau)}
+    return loss, {**stats, "tau": torch.tensor(target_tau(args.tau_base, progress))}
 
 
 def views(run, args):
@@ -147,7 +146,7 @@ def main(argv=None):
     model = build_model(run.args, run.data.size)
     # Only the online network is optimized; the target is not in any param group.
     params = [*model.backbone.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
-    common.train(run, model, training_step, [{"params": params}], views=views(run, args))
+    common.train(run, model, training_step, [{"params": params}], views=views(run, args), before_step=before_step)
 
 
 if __name__ == "__main__":

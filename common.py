@@ -63,6 +63,9 @@ class Args:
     data_dir: str = arg("data", "where the dataset lives (or is downloaded to)")
     download: bool = arg(False, "download the dataset with torchvision if it is missing (needs internet)")
     subset: int = arg(0, "use only the first N train and N test images (0: all); for quick checks")
+    exclude_classes: str = arg("", "comma-separated classes to train without, e.g. 5,6,7,8,9: their images leave "
+                                   "both splits (k-NN included), and eval_knn.py's novelty analysis compares "
+                                   "their test images, never seen, with the rest (paper Fig. 3)")
     arch: str = arg("resnet18", "backbone", ("resnet18", "resnet50", "vit_tiny", "vit_small"))
     epochs: int = arg(512, "training epochs (the embedding-norms paper trains 512)")
     batch_size: int = arg(512, "images per step (each gives two views)")
@@ -74,7 +77,8 @@ class Args:
     warmup: int = arg(10, "epochs of linear lr warmup before the cosine decay")
     cut: float = arg(1.0, "cut-initialization constant c: every initial weight is divided by c (1: off)")
     power: float = arg(0.0, "GradScale power p: scale each embedding's gradient by ||z||^p (0: off); "
-                        "unless --warmup is given, p != 0 also sets --warmup 100 (the paper's GradScale schedule)")
+                        "p != 0 also sets --warmup 100 and --lr to a sixth of its default, each unless typed "
+                        "(the paper's GradScale schedule)")
     knn_every: int = arg(10, "evaluate k-NN top-1 every N epochs (and after the last); 0: only at the end")
     save_every: int = arg(50, "keep a copy of the checkpoint as epoch<N>.pt every N epochs (0: never)")
     seed: int = arg(0, "random seed (data order, augmentations, initialization)")
@@ -131,6 +135,8 @@ def validate(args):
         (args.warmup >= 0, f"--warmup must be >= 0 (got {args.warmup})"),
         (args.subset >= 0, f"--subset must be >= 0 (got {args.subset})"),
         (args.knn_every >= 0 and args.save_every >= 0, "--knn-every and --save-every must be >= 0"),
+        (parse_classes(args.exclude_classes) is not None,
+         f"--exclude-classes {args.exclude_classes!r} must be class numbers separated by commas, such as 5,6,7"),
     ]
     for ok, message in checks:
         if not ok:
@@ -209,6 +215,33 @@ def load_dataset(name, data_dir, download=False, subset=0):
         train_x, train_y, test_x, test_y = train_x[:subset], train_y[:subset], test_x[:subset], test_y[:subset]
     return Data(name, train_x.contiguous(), train_y.long(), test_x.contiguous(), test_y.long(),
                 num_classes=int(max(train_y.max(), test_y.max())) + 1)
+
+
+def parse_classes(text):
+    """'5, 6,7' -> [5, 6, 7] (sorted, without repeats); '' -> []; None if it is not such a list."""
+    try:
+        return sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        return None
+
+
+def drop_classes(data, classes, flag="--exclude-classes"):
+    """Leave `classes` out of both splits, as if the dataset never had them (the labels
+    keep their numbers); returns (the rest, the test images of the left-out classes)."""
+    if not classes:
+        return data, data.test_x[:0]
+    bad = [c for c in classes if not 0 <= c < data.num_classes]
+    if bad:
+        raise UsageError(f"{flag} {bad[0]} is not a class of {data.name}, "
+                         f"whose classes are 0 to {data.num_classes - 1}")
+    out_train = torch.isin(data.train_y, torch.tensor(classes, device=data.train_y.device))
+    out_test = torch.isin(data.test_y, torch.tensor(classes, device=data.test_y.device))
+    if out_train.all() or out_test.all():
+        raise UsageError(f"{flag} {','.join(map(str, classes))} leaves no images to train or test on; "
+                         "leave out fewer classes")
+    rest = dataclasses.replace(data, train_x=data.train_x[~out_train], train_y=data.train_y[~out_train],
+                               test_x=data.test_x[~out_test], test_y=data.test_y[~out_test])
+    return rest, data.test_x[out_test]
 
 
 def _missing(what, path, how):
@@ -972,6 +1005,7 @@ def setup(method, args):
     np.random.seed(args.seed)
     random.seed(args.seed)
     data = load_dataset(args.dataset, args.data_dir, args.download, args.subset)
+    data, _ = drop_classes(data, parse_classes(args.exclude_classes))
     if args.batch_size > len(data.train_x):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training images")
     mean, std = ckpt["data_stats"] if ckpt else channel_stats(data.train_x)
@@ -988,16 +1022,30 @@ def setup(method, args):
     return Run(method, args, device, data.to(device), mean, std, folder, ckpt, rank, size)
 
 
-GRADSCALE_WARMUP = 100  # epochs (embedding-norms paper, Sec. 6, "GradScale Layer")
+# The GradScale schedule. The paper's Sec. 6 ("GradScale Layer") asks for a long linear
+# warmup and a smaller base lr, since scaling each gradient by ||z||^p undoes the 1/||z||
+# that would otherwise keep the first steps small. The numbers are the authors' own SimCLR
+# demo (github.com/Andrew-Draganov/SSLEmbeddingNorms, CLA/experiments/model_comparison.py):
+# 100 warmup epochs, peak lr 0.1 where the default is 0.6 at batch 512, i.e. a sixth.
+GRADSCALE_WARMUP = 100  # epochs
+GRADSCALE_LR_FACTOR = 1 / 6  # of the method's --lr; the demo is SimCLR's, the other methods reuse the ratio
 
 
 def gradscale_preset(args):
-    """With GradScale on (--power != 0) and no --warmup typed, warm up for 100 epochs as the
-    paper does: scaling gradients by ||z||^p makes the first steps much larger."""
-    if args.power and "warmup" not in getattr(args, "given", set()) and args.warmup < GRADSCALE_WARMUP:
-        print(f"GradScale preset: --warmup {GRADSCALE_WARMUP} (pass --warmup to override)", file=sys.stderr)
-        given = args.given
-        args = dataclasses.replace(args, warmup=GRADSCALE_WARMUP)
+    """With GradScale on (--power != 0), set --warmup 100 and --lr to a sixth of the
+    method's default, each unless it was typed: `--power 1` alone is the paper's setting."""
+    given = getattr(args, "given", set())
+    if not args.power:
+        return args
+    changes = {}
+    if "warmup" not in given and args.warmup < GRADSCALE_WARMUP:
+        changes["warmup"] = GRADSCALE_WARMUP
+    if "lr" not in given:
+        changes["lr"] = args.lr * GRADSCALE_LR_FACTOR
+    if changes:
+        shown = " ".join(f"--{k} {v:g}" for k, v in changes.items())
+        print(f"GradScale preset: {shown} (type either flag to override)", file=sys.stderr)
+        args = dataclasses.replace(args, **changes)
         args.given = given
     return args
 
@@ -1093,13 +1141,15 @@ class LaggedReader:
 
 
 class Stepper:
-    """One optimizer step of the shared loop: lr schedule, the method's training_step on
-    each micro-batch under autocast, backward, stats summed on the device, gradients
-    averaged over ranks, the optimizer step, and the previous step's loss checked. train()
-    runs it; benchmarks/throughput.py times exactly this."""
+    """One optimizer step of the shared loop: lr schedule, the method's before_step hook
+    (once per step, e.g. an EMA update), its training_step on each micro-batch under
+    autocast, backward, stats summed on the device, gradients averaged over ranks, the
+    optimizer step, and the previous step's loss checked. train() runs it;
+    benchmarks/throughput.py times exactly this."""
 
-    def __init__(self, model, training_step, optimizer, args, steps_per_epoch, device):
+    def __init__(self, model, training_step, optimizer, args, steps_per_epoch, device, before_step=None):
         self.model, self.training_step, self.optimizer, self.args = model, training_step, optimizer, args
+        self.before_step = before_step
         self.steps_per_epoch = steps_per_epoch
         self.total = args.epochs * steps_per_epoch
         self.warmup = args.warmup * steps_per_epoch
@@ -1112,11 +1162,14 @@ class Stepper:
     def __call__(self, step, batches, views):
         """Train on the uint8 micro-batches of one step; returns the lr used."""
         lr = set_lr(self.optimizer, lr_factor(step, self.total, self.warmup))
+        progress = step / max(1, self.total)
+        if self.before_step:  # once per optimizer step, however many micro-batches follow
+            self.before_step(self.model, self.args, progress)
         self.optimizer.zero_grad(set_to_none=True)
         for a, x in enumerate(batches):
             x1, x2 = views[0](x), views[1](x)
             with autocast(self.device):
-                loss, stats = self.training_step(self.model, x1, x2, self.args, step / max(1, self.total))
+                loss, stats = self.training_step(self.model, x1, x2, self.args, progress)
             if a == len(batches) - 1:
                 self.reader.push(step, loss, stats["emb_norm_mean"])
             (loss / len(batches)).backward()
@@ -1133,12 +1186,14 @@ class Stepper:
             self.shown = (loss, norm)
 
 
-def train(run, model, training_step, groups, views, sync_bn=True):
+def train(run, model, training_step, groups, views, sync_bn=True, before_step=None):
     """The loop shared by every method.
 
     training_step(model, x1, x2, args, progress) -> (loss, stats) runs the method on two
     views made by the two Augment recipes in `views`; progress in [0, 1) is the fraction
-    of training done, for schedules such as BYOL's EMA. stats are 0-d tensors, summed on
+    of training done, for schedules such as BYOL's EMA. It runs once per micro-batch
+    (--accum), so work that must happen once per optimizer step, such as moving an EMA
+    target, goes in before_step(model, args, progress) instead. stats are 0-d tensors, summed on
     the device and read once per epoch. The only per-step read is the previous step's
     loss check, which the GPU has finished by then, so the loop never stalls it.
 
@@ -1164,7 +1219,7 @@ def train(run, model, training_step, groups, views, sync_bn=True):
         set_rng_state(run.ckpt["rng"])
     local = args.batch_size // run.world  # this rank's share of each global batch
     micro = local // args.accum
-    stepper = Stepper(model, training_step, optimizer, args, steps_per_epoch, device)
+    stepper = Stepper(model, training_step, optimizer, args, steps_per_epoch, device, before_step)
     from tqdm import tqdm
 
     for epoch in range(start_epoch, args.epochs):

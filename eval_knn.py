@@ -429,9 +429,8 @@ def evaluate(a):
     chosen = parse_analyses(a.analyses, a.all, a.space)  # check the cheap things before loading anything
     if a.prototypes_out:
         chosen.setdefault("prototypes", a.space)
-    try:
-        heldout = [int(c) for c in a.heldout_classes.split(",") if c.strip()]
-    except ValueError:
+    heldout = common.parse_classes(a.heldout_classes)
+    if heldout is None:
         raise common.UsageError(f"--heldout-classes {a.heldout_classes!r} must be class numbers such as 0,1,2")
     oods = [parse_ood(spec) for spec in a.ood]
     if a.ood or heldout:
@@ -439,10 +438,19 @@ def evaluate(a):
     device = common.pick_device(a.device)
     model, ckpt = load_model(a.checkpoint, device)
     run = ckpt["args"]
-    data = common.load_dataset(run["dataset"], a.data_dir or run["data_dir"], False, run.get("subset", 0)).to(device)
+    # A run trained without some classes (--exclude-classes) is evaluated as it was trained:
+    # on the other classes; the left-out classes' test images are the truly novel set.
+    excluded = common.parse_classes(run.get("exclude_classes", "")) or []
+    if excluded and heldout and heldout != excluded:
+        raise common.UsageError(f"this run was trained without classes {','.join(map(str, excluded))}; "
+                                "--heldout-classes may only repeat those (or be left out)")
+    data = common.load_dataset(run["dataset"], a.data_dir or run["data_dir"], False, run.get("subset", 0))
+    data, unseen = common.drop_classes(data, excluded)
+    data = data.to(device)
     mean, std = ckpt["data_stats"]
     is_out = torch.isin(data.test_y.cpu(), torch.tensor(heldout, dtype=torch.long))  # (M,) held-out test images
-    if heldout and (is_out.all() or not is_out.any() or not all(0 <= c < data.num_classes for c in heldout)):
+    if heldout and not excluded and (is_out.all() or not is_out.any()
+                                     or not all(0 <= c < data.num_classes for c in heldout)):
         raise common.UsageError(f"--heldout-classes must name classes between 0 and {data.num_classes - 1} that "
                                 "occur in the test set, leaving some test images on the other side")
     loss_space = "predictor" if getattr(model, "predictor", None) is not None else "projector"
@@ -491,6 +499,8 @@ def evaluate(a):
 
     if "novelty" in chosen:
         s, shifted, reference = chosen["novelty"], {}, {}
+        if excluded:
+            images["unseen classes"] = unseen.to(device)
         for kind in ("vflip", "noise"):
             images[kind] = shift_images(data.test_x, kind, mean, std, a.seed)
         for name, folder in oods:
@@ -502,7 +512,7 @@ def evaluate(a):
         for key in list(images)[2:]:
             shifted[key] = norms(key, s)
             del images[key]  # only the features are needed from here on
-        if heldout:
+        if heldout and not excluded:  # classes the run trained on: a class-level comparison, not novelty
             shifted["heldout"], reference["heldout"] = norms("test", s)[is_out], norms("test", s)[~is_out]
         r = out["novelty"] = {"space": s, **novelty(norms("train", s), norms("test", s), shifted, reference)}
         print(f"\nnovelty ({s} features): mean norm relative to the train mean; AUROC of the norm "
@@ -558,7 +568,8 @@ def main(argv=None):
                         "(the run's --subset applies); repeat for several; DATA_DIR defaults to the run's")
     p.add_argument("--heldout-classes", default="", metavar="C1,C2",
                    help="novelty (implied): compare the test images of these classes with those of the other "
-                        "classes; truly novel only if training never saw them, otherwise a check of class-level norms")
+                        "classes; for a run trained with --exclude-classes this is automatic (the set 'unseen "
+                        "classes'), for any other run it compares classes the network did see")
     p.add_argument("--prototypes-out", default=None,
                    help="prototypes (implied): the PNG to write; None: prototypes-SPACE.png beside the checkpoint")
     p.add_argument("--probe-epochs", type=int, default=100, help="probe: epochs of Adam over the frozen features")

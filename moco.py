@@ -181,7 +181,6 @@ class MoCo(nn.Module):
             # Random unit vectors stand in for keys until K real ones have been enqueued.
             self.register_buffer("queue", F.normalize(torch.randn(args.queue, args.proj_dim), dim=1))  # (K, D)
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # the oldest entry
-        self.last_progress = None  # when the key encoder last moved (see training_step)
 
     def forward(self, x):
         h = self.backbone(x)  # (B, 512) for ResNet-18, (B, 384) for ViT-Small
@@ -268,12 +267,13 @@ def enqueue(model, k):
     model.queue_ptr.copy_((model.queue_ptr + len(k)) % len(model.queue))
 
 
+def before_step(model, args, progress):
+    """common.train calls this once per optimizer step, before the step's micro-batches:
+    the key encoder follows the query encoder that the previous step produced."""
+    momentum_update(model, key_momentum(args, progress))
+
+
 def training_step(model, x1, x2, args, progress):
-    # With --accum this runs once per micro-batch, all with the same progress; the key
-    # encoder must move once per optimizer step.
-    if progress != model.last_progress:
-        momentum_update(model, key_momentum(args, progress))
-        model.last_progress = progress
     if args.version == "v2":
         h, q = model(x1)
         # GradScale sits right before the loss normalizes q: identity forward, each sample's
@@ -333,7 +333,7 @@ def main(argv=None):
     # Under torchrun v3's BN layers (in the heads) use global-batch statistics, as the paper's
     # SyncBN; v2 keeps BN per rank, which is what shuffle-BN relies on.
     common.train(run, model, training_step, [{"params": trainable}], views=views(run, args),
-                 sync_bn=args.version == "v3")
+                 sync_bn=args.version == "v3", before_step=before_step)
 
 
 if __name__ == "__main__":

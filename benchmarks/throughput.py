@@ -242,7 +242,8 @@ class Trainer:
 
     def __init__(self, module, model, args, optimizer, steps_per_epoch):
         device = next(model.parameters()).device
-        self.stepper = common.Stepper(model, module.training_step, optimizer, args, steps_per_epoch, device)
+        self.stepper = common.Stepper(model, module.training_step, optimizer, args, steps_per_epoch, device,
+                                      getattr(module, "before_step", None))  # BYOL's and MoCo's EMA
         self.step = 0
 
     def __call__(self, x, views):

@@ -44,6 +44,8 @@ def main(method, out):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = common.make_optimizer(args, [{"params": params}], torch.device("cpu"))
         for i in range(2):
+            if method.startswith("moco"):
+                moco.before_step(model, args, i / 10)  # the key encoder's momentum update
             opt.zero_grad()
             loss, _ = step(model, x1, x2, args, i / 10)
             loss.backward()
@@ -57,6 +59,10 @@ def main(method, out):
             result.update({k: v for k, v in model.named_buffers() if "running" in k})
     if rank == 0:
         torch.save({k: v.detach() for k, v in result.items()}, out)
+    if size > 1:  # leave together: a rank that exits with the group still open can abort in gloo's threads
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

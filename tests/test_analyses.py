@@ -300,3 +300,27 @@ def test_bad_input_exits_2_with_one_line(run_dir):
     r = run_script("eval_knn.py", str(run_dir / "last.pt"), "--ood", "mnist:/tmp", "--device", "cpu")
     assert r.returncode == 2 and r.stderr.startswith("error: --ood 'mnist:/tmp' names no dataset")
     assert r.stderr.strip().count("\n") == 0
+
+
+def test_a_run_trained_without_some_classes(tmp_path):
+    """--exclude-classes 3: training and k-NN never see class 3; eval_knn.py evaluates on the
+    other classes and adds class 3's test images to novelty as the set 'unseen classes'."""
+    out, js = tmp_path / "run", tmp_path / "r.json"
+    r = run_script("simclr.py", "--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--epochs", "1",
+                   "--exclude-classes", "3", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "step=3 " in r.stdout  # 48 training images of classes 0-2, batch 16
+    r = run_script("eval_knn.py", str(out / "last.pt"), "--analyses", "novelty,buckets", "--json", str(js),
+                   "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(js))
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["knn_top1"]
+    assert res["knn_top1"] == pytest.approx(logged)  # the same 48 test images as the training-time k-NN
+    assert sum(b["count"] for b in res["analyses"]["buckets"]["bins"]) == 48
+    assert [c["count"] for c in res["norms"]["train"]["per_class"]] == [16, 16, 16, 0]
+    sets = res["analyses"]["novelty"]["sets"]
+    assert list(sets) == ["train", "test", "unseen classes", "vflip", "noise"]
+    assert (sets["test"]["count"], sets["unseen classes"]["count"]) == (48, 16)
+    assert 0 <= sets["unseen classes"]["auroc"] <= 1
+    r = run_script("eval_knn.py", str(out / "last.pt"), "--heldout-classes", "1", "--device", "cpu")
+    assert r.returncode == 2 and "trained without classes 3" in r.stderr

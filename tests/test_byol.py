@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import byol
+import common
 
 from conftest import ROOT, run_script
 
@@ -115,22 +116,26 @@ def test_no_gradient_reaches_the_target_and_gradscale_acts_on_p():
     assert stats["tau"].item() == pytest.approx(0.99)
 
 
-def test_target_is_updated_once_per_optimizer_step():
-    """common.train calls training_step once per micro-batch with the same progress; the
-    EMA must run once per step, on the first call, with that step's tau."""
-    model = tiny_model()
-    perturb_online(model)
+def test_target_moves_once_per_optimizer_step_under_accum():
+    """The loop's own step (common.Stepper) with two micro-batches per step: before_step
+    moves the target once per step, towards the online weights the previous step made."""
+    model, cpu = tiny_model(), torch.device("cpu")
     online, target = online_and_target(model)
-    x = torch.randn(4, 3, 8, 8)
-    args = byol.Args()
-    xi0 = [t.clone() for t in target]
-    byol.training_step(model, x, x, args, 0.0)  # step 0: the target already equals the initial online net
+    args = byol.Args(hidden_dim=16, proj_dim=8, epochs=1, warmup=0, batch_size=8, accum=2)
+    opt = common.make_optimizer(args, [{"params": [*online, *model.predictor.parameters()]}], cpu)
+    stepper = common.Stepper(model, byol.training_step, opt, args, 2, cpu, byol.before_step)  # 2 steps in all
+    same = (lambda x: x, lambda x: x)  # the batches are already the views
+    micro_batches = lambda: [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]  # noqa: E731
+    xi0 = [xi.clone() for xi in target]
+    stepper(0, micro_batches(), same)
+    # Step 0: the target is a copy of the online net, so the EMA leaves it exactly as it was.
     assert all(torch.equal(a, b) for a, b in zip(target, xi0))
-    for _ in range(2):  # two micro-batches of the step at progress 1/2
-        byol.training_step(model, x, x, args, 0.5)
+    assert not all(torch.equal(a, b) for a, b in zip(online, xi0))  # while the optimizer moved the online net
+    theta1, xi1 = [p.clone() for p in online], [xi.clone() for xi in target]
+    stepper(1, micro_batches(), same)  # progress 1/2
     tau = byol.target_tau(0.99, 0.5)
-    for xi, old, theta in zip(target, xi0, online):
-        torch.testing.assert_close(xi, tau * old + (1 - tau) * theta)
+    for xi, old, theta in zip(target, xi1, theta1):
+        torch.testing.assert_close(xi, tau * old + (1 - tau) * theta)  # once: twice would be tau^2
 
 
 def run(*cmd, cwd=ROOT):

@@ -157,10 +157,16 @@ def test_embedding_stats():
     assert collapsed["collapse_std"].item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_gradscale_preset_lengthens_warmup_unless_given(capsys):
-    args = common.parse_args(simclr.Args, simclr.__doc__, ["--power", "1"])
-    assert common.gradscale_preset(args).warmup == 100 and "GradScale preset" in capsys.readouterr().err
-    args = common.parse_args(simclr.Args, simclr.__doc__, ["--power", "1", "--warmup", "10"])
-    assert common.gradscale_preset(args).warmup == 10
-    args = common.parse_args(simclr.Args, simclr.__doc__, [])
-    assert common.gradscale_preset(args).warmup == 10
+def test_gradscale_preset_sets_warmup_and_lr_unless_typed(capsys):
+    def preset(*argv):
+        return common.gradscale_preset(common.parse_args(simclr.Args, simclr.__doc__, list(argv)))
+    args = preset("--power", "1")
+    assert (args.warmup, args.lr) == (100, pytest.approx(0.3 / 6))
+    assert "GradScale preset: --warmup 100 --lr 0.05" in capsys.readouterr().err
+    args = preset("--power", "1", "--warmup", "10")
+    assert (args.warmup, args.lr) == (10, pytest.approx(0.05))
+    assert "GradScale preset: --lr 0.05 (" in capsys.readouterr().err
+    args = preset("--power", "0.5", "--lr", "0.2", "--warmup", "20")
+    assert (args.warmup, args.lr) == (20, 0.2) and "preset" not in capsys.readouterr().err
+    args = preset()  # GradScale off: the method's defaults
+    assert (args.warmup, args.lr) == (10, 0.3)

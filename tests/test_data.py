@@ -203,3 +203,20 @@ def test_unknown_dataset_and_subset():
         common.load_dataset("mnist", "data")
     d = common.load_dataset("synthetic", "unused", subset=10)
     assert d.train_x.shape == (10, 3, 16, 16) and len(d.test_y) == 10 and d.train_x.dtype == torch.uint8
+
+
+def test_drop_classes_leaves_them_out_of_both_splits():
+    d = common.load_dataset("synthetic", "unused")  # image i has class i % 4
+    rest, unseen = common.drop_classes(d, [1, 3])
+    assert set(rest.train_y.tolist()) == {0, 2} and set(rest.test_y.tolist()) == {0, 2}
+    assert len(rest.train_y) == len(d.train_y) // 2 and rest.num_classes == 4  # labels keep their numbers
+    assert torch.equal(rest.train_x, d.train_x[(d.train_y % 2) == 0])
+    assert torch.equal(unseen, d.test_x[(d.test_y % 2) == 1])
+    same, none = common.drop_classes(d, [])
+    assert same is d and len(none) == 0
+    with pytest.raises(common.UsageError, match="--exclude-classes 4 is not a class of synthetic"):
+        common.drop_classes(d, [0, 4])
+    with pytest.raises(common.UsageError, match="leaves no images"):
+        common.drop_classes(d, [0, 1, 2, 3])
+    assert common.parse_classes(" 3, 1,3 ") == [1, 3] and common.parse_classes("") == []
+    assert common.parse_classes("1;2") is None

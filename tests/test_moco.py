@@ -93,29 +93,26 @@ def test_momentum_schedule():
         assert moco.key_momentum(v3, progress) == pytest.approx(m, abs=1e-12)
 
 
-def test_key_encoder_moves_once_per_optimizer_step():
-    # With --accum, training_step runs several times with the same progress.
-    args = small_args("v3")
+def test_key_encoder_moves_once_per_optimizer_step_under_accum():
+    """The loop's own step (common.Stepper) with two micro-batches per step: before_step
+    moves the key encoder once per step, towards the query encoder of the previous step."""
+    # m = 0.5 and a large lr, so that one update too many shows far above float noise.
+    args = small_args("v3", epochs=1, warmup=0, batch_size=8, accum=2, optimizer="sgd", lr=10.0, m=0.5)
+    cpu = torch.device("cpu")
     model = moco.build_model(args, 8)
-    with torch.no_grad():
-        for q, _ in key_pairs(model):
-            q.add_(torch.randn_like(q))
-    x1, x2 = images()
-
-    def keys_after(progress):
-        moco.training_step(model, x1, x2, args, progress)
-        return [k.clone() for _, k in key_pairs(model)]
-
+    opt = common.make_optimizer(args, [{"params": [p for p in model.parameters() if p.requires_grad]}], cpu)
+    stepper = common.Stepper(model, moco.training_step, opt, args, 2, cpu, moco.before_step)  # 2 steps in all
+    same = (lambda x: x, lambda x: x)  # the batches are already the views
     k0 = [k.clone() for _, k in key_pairs(model)]
-    k1 = keys_after(0.25)
-    m = moco.key_momentum(args, 0.25)
-    for (q, _), a, b in zip(key_pairs(model), k0, k1):
-        torch.testing.assert_close(b, m * a + (1 - m) * q)
-    assert all(torch.equal(a, b) for a, b in zip(k1, keys_after(0.25)))  # second micro-batch: no move
-    k2 = keys_after(0.5)  # the next optimizer step
+    stepper(0, list(images()), same)
+    # Step 0: the key encoder is a copy of the query encoder, so it stays exactly as it was.
+    assert all(torch.equal(a, k) for a, (_, k) in zip(k0, key_pairs(model)))
+    assert not all(torch.equal(a, q) for a, (q, _) in zip(k0, key_pairs(model)))  # the optimizer moved q
+    q1, k1 = [q.clone() for q, _ in key_pairs(model)], [k.clone() for _, k in key_pairs(model)]
+    stepper(1, list(images()), same)  # progress 1/2
     m = moco.key_momentum(args, 0.5)
-    for (q, _), a, b in zip(key_pairs(model), k1, k2):
-        torch.testing.assert_close(b, m * a + (1 - m) * q)
+    for (_, k), old, q in zip(key_pairs(model), k1, q1):
+        torch.testing.assert_close(k, m * old + (1 - m) * q)  # once: twice would be m^2
 
 
 # ----------------------------------------------------------------------------- queue

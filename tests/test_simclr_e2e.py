@@ -32,10 +32,10 @@ def test_training_writes_metrics_and_checkpoints(trained):
                     "knn_top1", "epoch_seconds", "images_per_second"):
             assert isinstance(m[key], float), key
         assert 0 <= m["knn_top1"] <= 100 and m["emb_norm_mean"] > 0
-    # --power 1 without --warmup takes the GradScale preset: the lr warms up linearly over
-    # 100 epochs of 4 steps, 0.3 * 16/256 * step/400.
-    assert lines[1]["lr"] == pytest.approx(0.3 * 16 / 256 * 8 / 400)
-    assert "GradScale preset: --warmup 100" in r.stderr
+    # --power 1 without --warmup or --lr takes the GradScale preset: the lr, a sixth of the
+    # default 0.3, warms up linearly over 100 epochs of 4 steps: 0.05 * 16/256 * step/400.
+    assert lines[1]["lr"] == pytest.approx(0.05 * 16 / 256 * 8 / 400)
+    assert "GradScale preset: --warmup 100 --lr 0.05" in r.stderr
     ckpt = common.load_checkpoint(str(out / "last.pt"))
     assert ckpt["method"] == "simclr" and ckpt["epoch"] == 2 and ckpt["args"]["cut"] == 3.0
     assert "projector.2.weight" in ckpt["model"] and "state" in ckpt["optimizer"]

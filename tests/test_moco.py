@@ -275,10 +275,16 @@ def train_and_evaluate(tmp_path_factory, *flags):
     line = json.loads(open(out / "metrics.jsonl").read())
     for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):
         assert isinstance(line[key], float) and math.isfinite(line[key]), key
-    r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu", "--json", str(out / "knn.json"))
+    # Every analysis at the loss's embedding, k-NN top-1 on the backbone as logged in training.
+    r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu", "--json", str(out / "knn.json"),
+                   "--all", "--space", "loss", "--analyses", "knn:backbone", "--probe-epochs", "2")
     assert r.returncode == 0, r.stderr
     # eval_knn rebuilt the network from the checkpoint alone and finds the logged accuracy.
     assert f"moco epoch 1 on synthetic: weighted 200-NN top-1 = {line['knn_top1']:.2f}%" in r.stdout
+    loss_space = "predictor" if "--version v3" in " ".join(flags) else "projector"  # v2 has no predictor
+    analyses = json.load(open(out / "knn.json"))["analyses"]
+    assert {k: v["space"] for k, v in analyses.items()} == dict.fromkeys(
+        ["buckets", "novelty", "prototypes", "probe", "classes"], loss_space)
     return out, common.load_checkpoint(str(out / "last.pt"))
 
 

@@ -110,10 +110,15 @@ def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
     assert groups[1]["fixed_lr"] and groups[1]["lr"] == pytest.approx(peak)
     assert len(groups[1]["params"]) == len([k for k in ckpt["model"] if k.startswith("predictor.")
                                             and "running" not in k and "num_batches" not in k])
-    r = run("eval_knn.py", str(out / "last.pt"), "--space", "predictor", "--device", "cpu")
+    # Every analysis, where the loss sees the embedding: the predictor output p.
+    r = run("eval_knn.py", str(out / "last.pt"), "--all", "--space", "loss", "--probe-epochs", "2",
+            "--json", str(tmp_path / "all.json"), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     acc = re.search(r"simsiam epoch 1 on synthetic: weighted 200-NN top-1 = ([\d.]+)% \(predictor features\)", r.stdout)
     assert acc and 0 <= float(acc.group(1)) <= 100, r.stdout
+    analyses = json.load(open(tmp_path / "all.json"))["analyses"]
+    assert {k: v["space"] for k, v in analyses.items()} == dict.fromkeys(
+        ["buckets", "novelty", "prototypes", "probe", "classes"], "predictor")
 
 
 def test_headline_command_parses_and_reports_missing_data(tmp_path):

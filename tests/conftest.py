@@ -24,3 +24,28 @@ def run_script(*argv, timeout=600, cwd=ROOT, threads=None):
     import subprocess
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def gradients_at_p(model, training_step, x1, x2, args_at, powers, after_backward=None):
+    """Run training_step (at progress 0) once per GradScale power, capturing the predictor
+    output p of each view and the gradient that reaches it. Returns ({power: (loss,
+    gradient at p (2B, D), stats)}, p of both views (2B, D), from the last run)."""
+    outputs, grads = [], {}
+
+    def capture(module, inputs, p):
+        view = len(outputs)
+        outputs.append(p.detach())
+        p.register_hook(lambda g: grads.__setitem__(view, g))
+
+    hook = model.predictor.register_forward_hook(capture)
+    runs = {}
+    for power in powers:
+        outputs.clear(), grads.clear()
+        model.zero_grad(set_to_none=True)
+        loss, stats = training_step(model, x1, x2, args_at(power), 0.0)
+        loss.backward()
+        if after_backward:
+            after_backward()
+        runs[power] = (loss.item(), torch.cat([grads[0], grads[1]]), stats)
+    hook.remove()
+    return runs, torch.cat(outputs)

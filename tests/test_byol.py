@@ -12,7 +12,7 @@ import torch
 import byol
 import common
 
-from conftest import ROOT, run_script
+from conftest import ROOT, gradients_at_p, run_script
 
 
 def squared_distance_of_unit_vectors(p, z):
@@ -91,27 +91,17 @@ def test_no_gradient_reaches_the_target_and_gradscale_acts_on_p():
     model = tiny_model()
     perturb_online(model)  # online != target, so the target branch is a genuinely different network
     x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
-    outputs, grads = [], {}
 
-    def capture(module, inputs, p):  # record p of each view and the gradient that reaches it
-        view = len(outputs)
-        outputs.append(p.detach())
-        p.register_hook(lambda g: grads.__setitem__(view, g))
-
-    model.predictor.register_forward_hook(capture)
-    runs = {}
-    for power in (0.0, 2.0):
-        outputs.clear(), grads.clear()
-        model.zero_grad(set_to_none=True)
-        loss, stats = byol.training_step(model, x1, x2, byol.Args(power=power), 0.0)
-        loss.backward()
-        runs[power] = (loss.item(), torch.cat([grads[0], grads[1]]))
+    def gradients_reach_the_online_net_only():
         _, target = online_and_target(model)
         assert all(not xi.requires_grad and xi.grad is None for xi in target)
         assert all(theta.grad is not None for theta in [*model.backbone.parameters(), *model.predictor.parameters()])
-    p = torch.cat(outputs)
+
+    runs, p = gradients_at_p(model, byol.training_step, x1, x2, lambda power: byol.Args(power=power), (0.0, 2.0),
+                             after_backward=gradients_reach_the_online_net_only)
     assert runs[0.0][0] == pytest.approx(runs[2.0][0], abs=1e-6)
     torch.testing.assert_close(runs[2.0][1], runs[0.0][1] * p.norm(dim=1, keepdim=True) ** 2)
+    stats = runs[2.0][2]
     assert stats["emb_norm_mean"].item() == pytest.approx(p.norm(dim=1).mean().item(), rel=1e-5)
     assert stats["tau"].item() == pytest.approx(0.99)
 

@@ -10,7 +10,7 @@ import torch
 
 import simsiam
 
-from conftest import ROOT, run_script
+from conftest import ROOT, gradients_at_p, run_script
 
 
 def cosines(p, z):
@@ -57,23 +57,12 @@ def tiny_model(cut=1.0):
 def test_gradscale_scales_the_gradient_reaching_p_by_its_norm():
     model = tiny_model()
     x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
-    outputs, grads = [], {}
-
-    def capture(module, inputs, p):  # record p of each view and the gradient that reaches it
-        view = len(outputs)
-        outputs.append(p.detach())
-        p.register_hook(lambda g: grads.__setitem__(view, g))
-
-    model.predictor.register_forward_hook(capture)
-    runs = {}
-    for power in (0.0, 1.0):
-        outputs.clear(), grads.clear()
-        loss, stats = simsiam.training_step(model, x1, x2, simsiam.Args(power=power), 0.0)
-        loss.backward()
-        runs[power] = (loss.item(), torch.cat([grads[0], grads[1]]))
-    p = torch.cat(outputs)  # (2B, D): the predictor outputs of both views
+    # p: (2B, D), the predictor outputs of both views
+    runs, p = gradients_at_p(model, simsiam.training_step, x1, x2, lambda power: simsiam.Args(power=power),
+                             (0.0, 1.0))
     assert runs[0.0][0] == pytest.approx(runs[1.0][0], abs=1e-6)  # identity forward
     torch.testing.assert_close(runs[1.0][1], runs[0.0][1] * p.norm(dim=1, keepdim=True))
+    stats = runs[1.0][2]
     # The logged norms are those of p, where the loss is applied.
     assert stats["emb_norm_mean"].item() == pytest.approx(p.norm(dim=1).mean().item(), rel=1e-5)
     assert stats["emb_norm_std"].item() == pytest.approx(p.norm(dim=1).std().item(), rel=1e-5)

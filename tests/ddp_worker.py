@@ -29,25 +29,26 @@ def main(method, out):
         result["scaled"] = torch.tensor(float(size))
     else:
         if method == "simclr":
-            args = simclr.Args(proj_dim=16, batch_size=B, lr=1.0)
-            model, step, sync = simclr.build_model(args, 16), simclr.training_step, True
+            module, args, sync = simclr, simclr.Args(proj_dim=16, batch_size=B, lr=1.0), True
         elif method == "moco-v3":
             # SGD: Adam would turn float noise in near-zero gradients into full-size steps.
             args = moco.resolve(moco.ArgsV3(arch="vit_tiny", mlp_dim=32, batch_size=B, lr=1.0, optimizer="sgd"))
-            model, step, sync = moco.build_model(args, 16), moco.training_step, True
+            module, sync = moco, True
         else:  # moco-v2: per-rank BN on 2 ranks is split BN over 2 sub-batches in one process
             torch.randperm = lambda n, **kw: torch.arange(n, device=kw.get("device"))  # no shuffle: comparable keys
             args = moco.resolve(moco.Args(queue=16, bn_splits=2 if size == 1 else 1, batch_size=B))
-            model, step, sync = moco.build_model(args, 16), moco.training_step, False
+            module, sync = moco, False
+        model = module.build_model(args, 16)
+        before_step = getattr(module, "before_step", None)  # MoCo's key-encoder momentum update
         if sync:
             common.global_batchnorm(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = common.make_optimizer(args, [{"params": params}], torch.device("cpu"))
         for i in range(2):
-            if method.startswith("moco"):
-                moco.before_step(model, args, i / 10)  # the key encoder's momentum update
+            if before_step:
+                before_step(model, args, i / 10)
             opt.zero_grad()
-            loss, _ = step(model, x1, x2, args, i / 10)
+            loss, _ = module.training_step(model, x1, x2, args, i / 10)
             loss.backward()
             common.average_gradients(params)
             opt.step()

@@ -124,7 +124,8 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")  # e
 @pytest.mark.parametrize("name", ["simclr", "simsiam", "byol", "moco-v2", "moco-v3"])
 def test_a_training_step_reads_nothing_back_but_the_lagged_loss(name, monkeypatch):
     """On a GPU, reading a tensor's value on the host stalls the CPU until the GPU has
-    caught up. Counted here on the CPU: during 4 steps of common.Stepper, the only reads made
+    caught up. Counted here on the CPU: during 4 steps of common.Stepper (through the
+    benchmark's Trainer, which times it), the only reads made
     by this repo's code are the loss checks of the previous steps (3), from pinned memory on
     CUDA. torch's own single-tensor Adam on the CPU reads CPU-side step counters; those are
     not counted (CUDA uses the fused optimizer)."""
@@ -139,10 +140,11 @@ def test_a_training_step_reads_nothing_back_but_the_lagged_loss(name, monkeypatc
     data = common.load_dataset("synthetic", "unused", subset=64)
     cpu = torch.device("cpu")
     run = common.Run(name, args, cpu, data, *common.channel_stats(data.train_x), folder="unused")
-    views = module.views(run, args) if hasattr(module, "views") else (run.augment(), run.augment())
+    bench = load_benchmark()  # its Trainer is the training loop's own step, as main() sets it up
+    method = name.split("-")[0]
+    views = bench.method_views(method, module, run, args)
     model = module.build_model(args, data.size)
-    optimizer = common.make_optimizer(args, [{"params": [p for p in model.parameters() if p.requires_grad]}], cpu)
-    stepper = common.Stepper(model, module.training_step, optimizer, args, 4, cpu, getattr(module, "before_step", None))
+    trainer = bench.Trainer(module, model, args, common.make_optimizer(args, bench.param_groups(method, model), cpu), 4)
     ours = {os.path.realpath(os.path.join(ROOT, f)) for f in os.listdir(ROOT) if f.endswith(".py")}
     reads = []
 
@@ -157,5 +159,5 @@ def test_a_training_step_reads_nothing_back_but_the_lagged_loss(name, monkeypatc
     for method in READS:
         monkeypatch.setattr(torch.Tensor, method, counted(method), raising=False)
     for i in range(4):
-        stepper(i, [data.train_x[16 * i: 16 * (i + 1)]], views)
+        trainer(data.train_x[16 * i: 16 * (i + 1)], views)
     assert reads == [("tolist", "common.py", "pop")] * 3

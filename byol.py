@@ -52,14 +52,14 @@ class BYOL(nn.Module):
     """Online network: backbone f, projector g, predictor q; h = f(x), z = g(h), p = q(z).
     Target network: f', g' with the same shapes. One module, so one state_dict holds both."""
 
-    def __init__(self, arch, img_size, hidden_dim, proj_dim, c):
+    def __init__(self, args, img_size):
         super().__init__()
-        self.backbone, dim = common.make_backbone(arch, img_size)
-        self.projector = mlp(dim, hidden_dim, proj_dim)
-        self.predictor = mlp(proj_dim, hidden_dim, proj_dim)
+        self.backbone, dim = common.make_backbone(args, img_size)
+        self.projector = mlp(dim, args.hidden_dim, args.proj_dim)
+        self.predictor = mlp(args.proj_dim, args.hidden_dim, args.proj_dim)
         # Cut-init shrinks the online network *before* the target is copied from it, so the
         # target starts as exactly the network that is trained (embedding-norms paper, Sec. 6).
-        common.cut_init(self, c)
+        common.cut_init(self, args.cut)
         # The target never receives a gradient; update_target moves it.
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
@@ -74,7 +74,7 @@ class BYOL(nn.Module):
 
 def build_model(args, img_size):
     """The network as initialized for training (eval_knn.py rebuilds it from a checkpoint's args)."""
-    return BYOL(args.arch, img_size, args.hidden_dim, args.proj_dim, args.cut)
+    return BYOL(args, img_size)
 
 
 def target_tau(tau_base, progress):
@@ -108,29 +108,24 @@ def byol_loss(p1, p2, z1_target, z2_target):
     return regression_loss(p1, z2_target) + regression_loss(p2, z1_target)
 
 
-# ----------------------------------------------------------------------------- training step
-
-def before_step(model, args, progress):
-    """common.train calls this once per optimizer step, before the step's micro-batches:
-    the target follows the online weights that the previous step produced."""
-    update_target(model, target_tau(args.tau_base, progress))
-
-
-def training_step(model, x1, x2, args, progress):
+def compute_loss(model, x1, x2, args):
+    """Forward both views through the online and the target network, and the loss:
+    (loss, embedding statistics)."""
     h1, p1 = model(x1)
     h2, p2 = model(x2)
-    # Stop-gradient: the loss must not move the target, only the EMA above does.
+    # Stop-gradient: the loss must not move the target, only the EMA in train_step does.
     with torch.no_grad():
         z1_target, z2_target = model.target(x1), model.target(x2)
     # GradScale sits on p, where the cosine similarity is taken on the side that gets a
     # gradient: identity forward, each sample's gradient times ||p||^power backward.
     p1, p2 = gradscale(p1, args.power), gradscale(p2, args.power)
     loss = byol_loss(p1, p2, z1_target, z2_target)
-    stats = common.embedding_stats(torch.cat([p1, p2]), torch.cat([h1, h2]))
-    return loss, {**stats, "tau": torch.tensor(target_tau(args.tau_base, progress))}
+    return loss, common.embedding_stats(torch.cat([p1, p2]), torch.cat([h1, h2]), (p1, p2), args.opposite_cos)
 
 
-def views(run, args):
+# ----------------------------------------------------------------------------- training
+
+def make_views(run):
     """BYOL's asymmetric views (App. B, Table 6): blur always in view 1, rarely in view 2
     (Augment skips blur below 64 px, as the CIFAR recipes do); solarize only in view 2.
     The crop keeps the CIFAR scale (0.2, 1) of SimSiam and the norms paper: BYOL's 0.08 is
@@ -140,13 +135,39 @@ def views(run, args):
             run.augment(jitter=jitter, jitter_p=0.8, grey_p=0.2, blur_p=0.1, solarize_p=0.2))
 
 
+def train_step(model, optimizer, batches, views, run, step):
+    """One optimizer step on this rank's --accum micro-batches of uint8 images."""
+    common.set_lr(optimizer, run.lr_at(step))
+    # The EMA, once per optimizer step and before its micro-batches: the target follows the
+    # online weights that the previous step produced.
+    tau = target_tau(run.args.tau_base, run.progress(step))
+    update_target(model, tau)
+    optimizer.zero_grad(set_to_none=True)
+    for x in batches:
+        x1, x2 = views[0](x), views[1](x)  # two augmented views (b, 3, H, W), made on the device
+        with run.autocast():
+            loss, stats = compute_loss(model, x1, x2, run.args)
+        (loss / len(batches)).backward()  # micro-batch gradients add up to the batch's
+        run.meter.add(loss, {**stats, "tau": torch.tensor(tau)}, len(batches))
+    common.average_gradients(model.parameters())  # over torchrun's ranks; no-op in one process
+    optimizer.step()
+
+
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
-    run = common.setup("byol", args)
-    model = build_model(run.args, run.data.size)
-    # Only the online network is optimized; the target is not in any param group.
-    params = [*model.backbone.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
-    common.train(run, model, training_step, [{"params": params}], views=views(run, args), before_step=before_step)
+    run = common.start("byol", args)
+    model = common.prepare(build_model(run.args, run.data.size), run)
+    # Only the online network is optimized; the target is in no param group.
+    online = [*model.backbone.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
+    optimizer = common.make_optimizer(run.args, online, run.device, nesterov=run.args.nesterov)
+    views = make_views(run)
+    for epoch in range(run.restore(model, optimizer), run.args.epochs):
+        model.train()
+        for step, batches in run.batches(epoch):
+            train_step(model, optimizer, batches, views, run, step)
+            run.meter.end_step(step)  # checks the previous step's loss, without waiting for this one
+        common.end_epoch(run, model, optimizer, epoch)
+    return common.finish(run, model)
 
 
 if __name__ == "__main__":

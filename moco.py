@@ -12,9 +12,17 @@ counter that.
 
     python moco.py --version v2 --dataset cifar10 --cut 3
     python moco.py --version v3 --dataset cifar10 --cut 3    # ViT-Small, patch 4
-    python moco.py --version v3 --help                        # lists v3's defaults
+
+MoCo v3's heads follow the official moco/builder.py layer for layer: Linear layers without
+bias, hidden width --mlp-dim 4096, BN + ReLU between layers; the projector has 3 layers on a
+ViT and 2 on a ResNet and ends in BN(affine=False); the 2-layer predictor ends in
+BN(affine=False) on a ViT and in a plain Linear on a ResNet. Differences from the official
+code that remain: torchvision's ViT (learned position embedding, patch 4 below 64 px) where
+the official code uses a timm ViT with fixed 2-D sin-cos position embedding and patch 16;
+ResNets use the CIFAR stem below 64 px; the contrastive logits are computed in float32
+(see the losses); v2 on one device shuffles keys over --bn-splits BN sub-batches in place
+of shuffle-BN over 8 GPUs.
 """
-import argparse
 import copy
 import dataclasses
 import math
@@ -30,60 +38,55 @@ from common import arg
 from gradscale import gradscale
 
 
-def choices(name):
-    """The choices of a shared flag, so that overriding its default does not fork them."""
-    return common.Args.__dataclass_fields__[name].metadata["choices"]
-
-
 @dataclass
 class Args(common.Args):
-    """MoCo flags with v2's defaults; ArgsV3 holds v3's. --version picks the class, so the
-    defaults (and --help) always belong to the version being run."""
-    version: str = arg("v2", "v2 (queue of past keys as negatives) or v3 (in-batch negatives, predictor, ViT); "
-                       "the other defaults follow it: see --version v3 --help", ("v2", "v3"))
-    lr: float = arg(0.03, "base lr per 256 images, SGD momentum 0.9 (MoCo v2 code: 0.03 at batch 256)")
-    wd: float = arg(5e-4, "weight decay (MoCo's CIFAR-10 demo; the MoCo v2 paper uses 1e-4 on ImageNet)")
-    warmup: int = arg(0, "epochs of linear lr warmup (MoCo v2 decays with a plain cosine, no warmup)")
-    temperature: float = arg(0.2, "InfoNCE temperature tau (MoCo v2 paper)")
-    proj_dim: int = arg(128, "projector output dimension, the size of q and k (MoCo v2 paper)")
+    """MoCo flags. Flags whose default says "by --version" are filled by resolve() from
+    DEFAULTS below unless typed; args.json and the start line show the values used."""
+    version: str = arg("v2", "v2 (queue of past keys as negatives) or v3 (in-batch negatives, predictor, ViT)",
+                       ("v2", "v3"))
+    arch: str = arg("", "backbone; default by --version: v2 resnet18, v3 vit_small (MoCo v3 paper)",
+                    common.Args.__dataclass_fields__["arch"].metadata["choices"])
+    optimizer: str = arg("", "optimizer; default by --version: v2 sgd, v3 adamw (MoCo v3 paper)",
+                         common.Args.__dataclass_fields__["optimizer"].metadata["choices"])
+    lr: float = arg(0.0, "base lr per 256 images; default by --version: v2 0.03 (MoCo v2 code), "
+                         "v3 1.5e-4 (MoCo v3 paper, ViT)")
+    wd: float = arg(-1.0, "weight decay; default by --version: v2 5e-4 (MoCo's CIFAR-10 demo; the MoCo v2 paper "
+                          "uses 1e-4 on ImageNet), v3 0.1 (MoCo v3 paper, ViT)")
+    warmup: int = arg(-1, "epochs of linear lr warmup; default by --version: v2 0 (plain cosine), v3 40 (MoCo v3 paper)")
+    temperature: float = arg(0.2, "InfoNCE temperature tau (MoCo v2 paper; MoCo v3 paper, ViT)")
+    proj_dim: int = arg(0, "projector output dimension, the size of q and k; default by --version: v2 128 "
+                           "(MoCo v2 paper), v3 256 (MoCo v3 paper)")
     mlp_dim: int = arg(4096, "v3 only: hidden width of projector and predictor (MoCo v3 paper); "
                        "v2's hidden width is the backbone's feature width, as in the MoCo v2 code")
-    m: float = arg(-1.0, "key-encoder momentum m in k <- m k + (1 - m) q; -1: by dataset, 0.999 on "
-                   "imagenet100 (MoCo v2 paper) and 0.99 otherwise (MoCo's CIFAR-10 demo)")
-    queue: int = arg(0, "v2: queue size K, the number of negatives; 0: by dataset, 65536 on imagenet100 "
-                     "(MoCo v2 paper) and 4096 otherwise (MoCo's CIFAR-10 demo)")
+    m: float = arg(-1.0, "key-encoder momentum m in k <- m k + (1 - m) q; default by --version and dataset: v2 0.999 "
+                   "on imagenet100 (MoCo v2 paper), else 0.99 (MoCo's CIFAR-10 demo); v3 0.99 at the start, raised "
+                   "to 1 by a half cosine (MoCo v3 paper and code)")
+    queue: int = arg(0, "v2: queue size K, the number of negatives; default by dataset: 65536 on imagenet100 "
+                     "(MoCo v2 paper), else 4096 (MoCo's CIFAR-10 demo)")
     bn_splits: int = arg(8, "v2, ResNet: BN statistics over this many sub-batches, keys shuffled across them "
                          "(shuffle-BN of 8 GPUs, MoCo paper Sec. 3.3); 1 turns it off")
 
 
-@dataclass
-class ArgsV3(Args):
-    """MoCo v3's ViT recipe (MoCo v3 paper, Sec. 5, "Implementation details")."""
-    version: str = arg("v3", "v2 (queue of past keys as negatives) or v3 (in-batch negatives, predictor, ViT); "
-                       "the other defaults follow it: see --version v2 --help", ("v2", "v3"))
-    arch: str = arg("vit_small", "backbone (MoCo v3 paper: ViT-Small; ResNets also work)", choices("arch"))
-    optimizer: str = arg("adamw", "optimizer (MoCo v3 paper trains ViTs with AdamW)", choices("optimizer"))
-    lr: float = arg(1.5e-4, "base lr per 256 images (MoCo v3 paper, ViT)")
-    wd: float = arg(0.1, "weight decay (MoCo v3 paper, ViT)")
-    warmup: int = arg(40, "epochs of linear lr warmup (MoCo v3 paper, ViT)")
-    temperature: float = arg(0.2, "InfoNCE temperature tau (MoCo v3 paper, ViT; its code uses 1.0 for ResNets)")
-    proj_dim: int = arg(256, "projector and predictor output dimension (MoCo v3 paper)")
-    m: float = arg(0.99, "key-encoder momentum at the start; a half cosine raises it to 1 by the end "
-                   "(MoCo v3 paper and code, ViT recipe)")
-
-
-def args_class(argv=None):
-    """Args or ArgsV3, by the --version given on the command line."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--version", default="v2")
-    return ArgsV3 if pre.parse_known_args(argv)[0].version == "v3" else Args
+# The per-version defaults, in one place: MoCo v2 paper and code (with its CIFAR-10 demo
+# where the paper is ImageNet-only), and MoCo v3 paper, Sec. 5, "Implementation details".
+DEFAULTS = {
+    "v2": dict(arch="resnet18", optimizer="sgd", lr=0.03, wd=5e-4, warmup=0, proj_dim=128, m=0.99, queue=4096),
+    "v3": dict(arch="vit_small", optimizer="adamw", lr=1.5e-4, wd=0.1, warmup=40, proj_dim=256, m=0.99, queue=4096),
+}
+UNSET = {"arch": "", "optimizer": "", "lr": 0.0, "wd": -1.0, "warmup": -1, "proj_dim": 0, "m": -1.0, "queue": 0}
 
 
 def resolve(args):
-    """Fill in --m and --queue left at 'by dataset'. ImageNet-100 counts as ImageNet-scale."""
-    big = args.dataset == "imagenet100"
-    return dataclasses.replace(args, m=args.m if args.m >= 0 else (0.999 if big else 0.99),
-                               queue=args.queue or (65536 if big else 4096))
+    """Fill every flag left at "by --version" from DEFAULTS. ImageNet-100 counts as
+    ImageNet-scale for v2's momentum and queue."""
+    defaults = dict(DEFAULTS[args.version])
+    if args.version == "v2" and args.dataset == "imagenet100":
+        defaults.update(m=0.999, queue=65536)
+    filled = {k: v for k, v in defaults.items() if getattr(args, k) == UNSET[k]}
+    resolved = dataclasses.replace(args, **filled)
+    if hasattr(args, "given"):
+        resolved.given = args.given
+    return resolved
 
 
 # ----------------------------------------------------------------------------- model
@@ -155,7 +158,7 @@ class MoCo(nn.Module):
 
     def __init__(self, args, img_size):
         super().__init__()
-        self.backbone, dim = common.make_backbone(args.arch, img_size)
+        self.backbone, dim = common.make_backbone(args, img_size)
         if args.version == "v2":
             if args.bn_splits > 1:
                 split_batchnorm(self.backbone, args.bn_splits)
@@ -163,10 +166,12 @@ class MoCo(nn.Module):
             self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, args.proj_dim))
             self.predictor = None
         else:
-            # MoCo v3 paper: 3-layer projector; its code uses 2 layers for ResNets. 2-layer predictor.
-            hidden = [args.mlp_dim] * (2 if args.arch.startswith("vit") else 1)
+            # As the official builder (moco/builder.py): 3-layer projector on a ViT, 2-layer on a
+            # ResNet, both ending in BN; 2-layer predictor, ending in BN on a ViT only.
+            vit = args.arch.startswith("vit")
+            hidden = [args.mlp_dim] * (2 if vit else 1)
             self.projector = mlp([dim, *hidden, args.proj_dim], last_bn=True)
-            self.predictor = mlp([args.proj_dim, args.mlp_dim, args.proj_dim], last_bn=False)
+            self.predictor = mlp([args.proj_dim, args.mlp_dim, args.proj_dim], last_bn=vit)
         # Cut-init divides the query encoder, and only then is the key encoder copied from it:
         # both start from the same small weights (embedding-norms paper, Table 3).
         common.cut_init(self, args.cut)
@@ -213,14 +218,20 @@ def build_model(args, img_size):
 
 # ----------------------------------------------------------------------------- loss
 
+# Both losses take their logits in float32 even under bf16 autocast: bf16 keeps 3 significant
+# digits of a cosine, and at tau = 0.2 a logit near 5 would move in steps of 0.03, with up
+# to 65536 negatives in the softmax. The official code leaves this matmul to (fp16)
+# autocast, which keeps 3 more bits; here it is one small matmul per step.
+
 def info_nce_queue(q, k, queue, temperature):
     """MoCo v2's InfoNCE: query q_i (B, D) must pick its key k_i (B, D) out of the K
     negatives in queue (K, D, unit rows). The positive is logit 0 of each row."""
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    l_pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1) cosine similarity to the positive
-    l_neg = q @ queue.T  # (B, K) cosine similarities to the negatives
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = F.normalize(common.at_least_fp32(q), dim=1), F.normalize(common.at_least_fp32(k), dim=1)
+        l_pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1) cosine similarity to the positive
+        l_neg = q @ queue.to(q.dtype).T  # (B, K) cosine similarities to the negatives
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
 def info_nce_in_batch(q, k, temperature):
@@ -229,15 +240,37 @@ def info_nce_in_batch(q, k, temperature):
     put on the gradient, so changing tau does not change the step size much.
     Under torchrun the keys of all ranks are gathered without gradient (they are constants
     anyway), and query i of rank r finds its positive at r * b + i."""
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    k = common.gather(k, grad=False)  # (B, D): the global batch's keys
-    rank = common.world()[0]
-    logits = q @ k.T / temperature  # (b, B)
-    labels = torch.arange(len(q), device=q.device) + rank * len(q)
-    return F.cross_entropy(logits, labels) * 2 * temperature
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = F.normalize(common.at_least_fp32(q), dim=1), F.normalize(common.at_least_fp32(k), dim=1)
+        k = common.gather(k, grad=False)  # (B, D): the global batch's keys
+        rank = common.world()[0]
+        logits = q @ k.T / temperature  # (b, B)
+        labels = torch.arange(len(q), device=q.device) + rank * len(q)
+        return F.cross_entropy(logits, labels) * 2 * temperature
 
 
-# ----------------------------------------------------------------------------- training step
+def compute_loss(model, x1, x2, args):
+    """Forward the views through the query and key encoders, and the loss: (loss,
+    embedding statistics, the keys to enqueue (v2) or None (v3))."""
+    if args.version == "v2":
+        h, q = model(x1)
+        # GradScale sits right before the loss normalizes q: identity forward, each sample's
+        # gradient times ||q||^power backward (power=0: plain MoCo).
+        q = gradscale(q, args.power)
+        shuffle = args.bn_splits > 1 or common.world()[1] > 1
+        k = F.normalize(model.keys(x2, shuffle=shuffle).float(), dim=1)  # (b, D), no gradient
+        loss = info_nce_queue(q, k, model.queue, args.temperature)
+        return loss, common.embedding_stats(q, h, (q, k), args.opposite_cos), k
+    h1, q1 = model(x1)
+    h2, q2 = model(x2)
+    q1, q2 = gradscale(q1, args.power), gradscale(q2, args.power)
+    k1, k2 = model.keys(x1), model.keys(x2)  # no gradient: the key encoder only follows
+    loss = info_nce_in_batch(q1, k2, args.temperature) + info_nce_in_batch(q2, k1, args.temperature)
+    stats = common.embedding_stats(torch.cat([q1, q2]), torch.cat([h1, h2]), (q1, q2), args.opposite_cos)
+    return loss, stats, None
+
+
+# ----------------------------------------------------------------------------- momentum and queue
 
 def key_momentum(args, progress):
     """v2: a constant m. v3: m rises from args.m to 1 along a half cosine over training
@@ -267,42 +300,40 @@ def enqueue(model, k):
     model.queue_ptr.copy_((model.queue_ptr + len(k)) % len(model.queue))
 
 
-def before_step(model, args, progress):
-    """common.train calls this once per optimizer step, before the step's micro-batches:
-    the key encoder follows the query encoder that the previous step produced."""
-    momentum_update(model, key_momentum(args, progress))
+# ----------------------------------------------------------------------------- training
 
-
-def training_step(model, x1, x2, args, progress):
-    if args.version == "v2":
-        h, q = model(x1)
-        # GradScale sits right before the loss normalizes q: identity forward, each sample's
-        # gradient times ||q||^power backward (power=0: plain MoCo).
-        q = gradscale(q, args.power)
-        shuffle = args.bn_splits > 1 or common.world()[1] > 1
-        k = F.normalize(model.keys(x2, shuffle=shuffle), dim=1)  # (b, D), no gradient
-        # clone: enqueue overwrites the queue below, before backward needs the old one.
-        loss = info_nce_queue(q, k, model.queue.clone(), args.temperature)
-        # After the loss: this batch's keys (of every rank) are negatives from the next step on.
-        enqueue(model, common.gather(k, grad=False))
-        return loss, common.embedding_stats(q, h)
-    h1, q1 = model(x1)
-    h2, q2 = model(x2)
-    q1, q2 = gradscale(q1, args.power), gradscale(q2, args.power)
-    k1, k2 = model.keys(x1), model.keys(x2)  # no gradient: the key encoder only follows
-    loss = info_nce_in_batch(q1, k2, args.temperature) + info_nce_in_batch(q2, k1, args.temperature)
-    return loss, common.embedding_stats(torch.cat([q1, q2]), torch.cat([h1, h2]))
-
-
-def views(run, args):
+def make_views(run):
     """The two augmentation recipes."""
-    if args.version == "v2":
+    if run.args.version == "v2":
         view = run.augment()  # SimCLR's recipe with blur p=0.5 ("aug+", MoCo v2 paper)
         return view, view
     # BYOL's asymmetric pair, which the MoCo v3 paper adopts (Sec. 5), with crops from 8% of
     # the image up (MoCo v3 code's default).
     shared = dict(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
     return run.augment(blur_p=1.0, **shared), run.augment(blur_p=0.1, solarize_p=0.2, **shared)
+
+
+def train_step(model, optimizer, batches, views, run, step):
+    """One optimizer step on this rank's --accum micro-batches of uint8 images."""
+    common.set_lr(optimizer, run.lr_at(step))
+    # The momentum update, once per optimizer step and before its micro-batches: the key
+    # encoder follows the query encoder that the previous step produced.
+    momentum_update(model, key_momentum(run.args, run.progress(step)))
+    optimizer.zero_grad(set_to_none=True)
+    keys = []
+    for x in batches:
+        x1, x2 = views[0](x), views[1](x)  # two augmented views (b, 3, H, W), made on the device
+        with run.autocast():
+            loss, stats, k = compute_loss(model, x1, x2, run.args)
+        (loss / len(batches)).backward()  # micro-batch gradients add up to the batch's
+        run.meter.add(loss, stats, len(batches))
+        keys.append(k)
+    common.average_gradients(model.parameters())  # over torchrun's ranks; no-op in one process
+    optimizer.step()
+    if run.args.version == "v2":
+        # Once per step, after every micro-batch has used the same negatives (as one big batch
+        # would): this step's keys, of every rank, are negatives from the next step on.
+        enqueue(model, common.gather(torch.cat(keys), grad=False))
 
 
 def check(args):
@@ -314,26 +345,32 @@ def check(args):
     if args.version == "v2" and args.arch.startswith("resnet") and local % args.bn_splits:
         raise common.UsageError(f"the {local} images per rank and micro-batch must be a multiple of "
                                 f"--bn-splits {args.bn_splits}; change --batch-size, --accum or --bn-splits")
-    if args.version == "v2" and args.queue < micro:
-        raise common.UsageError(f"--queue {args.queue} must hold at least one batch of {micro} keys")
+    if args.version == "v2" and args.queue < args.batch_size:
+        raise common.UsageError(f"--queue {args.queue} must hold at least one batch of {args.batch_size} keys")
     if not 0 <= args.m <= 1:
         raise common.UsageError(f"--m must be in [0, 1] (got {args.m})")
 
 
 def main(argv=None):
-    args = common.parse_args(args_class(argv), __doc__, argv)
-    if not args.resume:  # before setup creates the run folder; a resumed run was checked when it began
-        check(resolve(args))
-    run = common.setup("moco", args)
-    # Resolved after setup, so a resumed run keeps the values it started with; the
-    # checkpoint then records the numbers used.
-    run.args = args = resolve(run.args)
+    args = common.parse_args(Args, __doc__, argv, resolve=resolve)
+    if not args.resume:  # before start creates the run folder; a resumed run was checked when it began
+        check(args)
+    run = common.start("moco", args)
+    args = run.args
     model = build_model(args, run.data.size)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # not the key encoder, not a frozen patch projection
     # Under torchrun v3's BN layers (in the heads) use global-batch statistics, as the paper's
     # SyncBN; v2 keeps BN per rank, which is what shuffle-BN relies on.
-    common.train(run, model, training_step, [{"params": trainable}], views=views(run, args),
-                 sync_bn=args.version == "v3", before_step=before_step)
+    model = common.prepare(model, run, sync_bn=args.version == "v3")
+    trainable = [p for p in model.parameters() if p.requires_grad]  # not the key encoder, not a frozen patch projection
+    optimizer = common.make_optimizer(args, trainable, run.device)
+    views = make_views(run)
+    for epoch in range(run.restore(model, optimizer), args.epochs):
+        model.train()
+        for step, batches in run.batches(epoch):
+            train_step(model, optimizer, batches, views, run, step)
+            run.meter.end_step(step)  # checks the previous step's loss, without waiting for this one
+        common.end_epoch(run, model, optimizer, epoch)
+    return common.finish(run, model)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ class Args(common.Args):
 class SimCLR(nn.Module):
     """Backbone f and a 2-layer MLP projector g without BN: h = f(x), z = g(h)."""
 
-    def __init__(self, arch, img_size, proj_dim):
+    def __init__(self, args, img_size):
         super().__init__()
-        self.backbone, dim = common.make_backbone(arch, img_size)
-        self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+        self.backbone, dim = common.make_backbone(args, img_size)
+        self.projector = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, args.proj_dim))
 
     def forward(self, x):
         h = self.backbone(x)  # (B, 512) for ResNet-18
@@ -47,7 +47,7 @@ class SimCLR(nn.Module):
 
 def build_model(args, img_size):
     """The network as initialized for training (eval_knn.py rebuilds it from a checkpoint's args)."""
-    return common.cut_init(SimCLR(args.arch, img_size, args.proj_dim), args.cut)
+    return common.cut_init(SimCLR(args, img_size), args.cut)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -61,38 +61,64 @@ def info_nce(z1, z2, temperature):
     gather's backward sums over ranks), as in the SimCLR paper's global negatives."""
     b = z1.shape[0]
     rank = common.world()[0]
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)  # only directions enter the loss
-    anchors = torch.cat([z1, z2])  # (2b, D)
-    candidates = torch.cat([common.gather(z1), common.gather(z2)])  # (2B, D): all first views, then all second
-    B = candidates.shape[0] // 2
-    logits = anchors @ candidates.T / temperature  # (2b, 2B) cosine similarities / tau
-    own = torch.arange(b, device=z1.device) + rank * b  # global index of this rank's images
-    rows = torch.arange(2 * b, device=z1.device)
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[rows, torch.cat([own, own + B])] = True
-    logits = logits.masked_fill(self_mask, float("-inf"))  # a view is not its own negative
-    positive = torch.cat([own + B, own])  # view 1 of image i <-> view 2 of image i
-    return F.cross_entropy(logits, positive)
+    # float32 even under bf16 autocast: bf16 keeps 3 significant digits of a cosine, and at
+    # tau = 0.1 a logit near 10 would move in steps of 0.06. The official code leaves this to
+    # (fp16) autocast; it is one small matmul per step.
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = F.normalize(common.at_least_fp32(z1), dim=1), F.normalize(common.at_least_fp32(z2), dim=1)
+        anchors = torch.cat([z1, z2])  # (2b, D)
+        candidates = torch.cat([common.gather(z1), common.gather(z2)])  # (2B, D): all first views, then all second
+        B = candidates.shape[0] // 2
+        logits = anchors @ candidates.T / temperature  # (2b, 2B) cosine similarities / tau
+        own = torch.arange(b, device=z1.device) + rank * b  # global index of this rank's images
+        rows = torch.arange(2 * b, device=z1.device)
+        self_mask = torch.zeros_like(logits, dtype=torch.bool)
+        self_mask[rows, torch.cat([own, own + B])] = True
+        logits = logits.masked_fill(self_mask, float("-inf"))  # a view is not its own negative
+        positive = torch.cat([own + B, own])  # view 1 of image i <-> view 2 of image i
+        return F.cross_entropy(logits, positive)
 
 
-# ----------------------------------------------------------------------------- training step
-
-def training_step(model, x1, x2, args, progress):
+def compute_loss(model, x1, x2, args):
+    """Forward both views and the loss: (loss, embedding statistics)."""
     h1, z1 = model(x1)
     h2, z2 = model(x2)
     # GradScale sits right before the loss normalizes z: identity forward, and each
     # sample's gradient times ||z||^power backward (power=0: plain SimCLR).
     z1, z2 = gradscale(z1, args.power), gradscale(z2, args.power)
     loss = info_nce(z1, z2, args.temperature)
-    return loss, common.embedding_stats(torch.cat([z1, z2]), torch.cat([h1, h2]))
+    return loss, common.embedding_stats(torch.cat([z1, z2]), torch.cat([h1, h2]), (z1, z2), args.opposite_cos)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_step(model, optimizer, batches, views, run, step):
+    """One optimizer step on this rank's --accum micro-batches of uint8 images."""
+    common.set_lr(optimizer, run.lr_at(step))
+    optimizer.zero_grad(set_to_none=True)
+    for x in batches:
+        x1, x2 = views[0](x), views[1](x)  # two augmented views (b, 3, H, W), made on the device
+        with run.autocast():
+            loss, stats = compute_loss(model, x1, x2, run.args)
+        (loss / len(batches)).backward()  # micro-batch gradients add up to the batch's
+        run.meter.add(loss, stats, len(batches))
+    common.average_gradients(model.parameters())  # over torchrun's ranks; no-op in one process
+    optimizer.step()
 
 
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
-    run = common.setup("simclr", args)
-    model = build_model(run.args, run.data.size)
+    run = common.start("simclr", args)
+    model = common.prepare(build_model(run.args, run.data.size), run)
+    optimizer = common.make_optimizer(run.args, model.parameters(), run.device)
     view = run.augment()  # SimCLR uses one recipe for both views
-    common.train(run, model, training_step, [{"params": model.parameters()}], views=(view, view))
+    for epoch in range(run.restore(model, optimizer), run.args.epochs):
+        model.train()
+        for step, batches in run.batches(epoch):
+            train_step(model, optimizer, batches, (view, view), run, step)
+            run.meter.end_step(step)  # checks the previous step's loss, without waiting for this one
+        common.end_epoch(run, model, optimizer, epoch)
+    return common.finish(run, model)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ class Args(common.Args):
 class SimSiam(nn.Module):
     """Backbone f, 3-layer projector g and bottleneck predictor q: h = f(x), z = g(h), p = q(z)."""
 
-    def __init__(self, arch, img_size, proj_dim, pred_dim):
+    def __init__(self, args, img_size):
         super().__init__()
-        self.backbone, dim = common.make_backbone(arch, img_size)
+        self.backbone, dim = common.make_backbone(args, img_size)
+        proj_dim, pred_dim = args.proj_dim, args.pred_dim
         # BN after every linear layer, the output one included (SimSiam paper, Sec. 4); the last BN
         # has no affine parameters, as in the authors' release. Biases would be cancelled by BN.
         self.projector = nn.Sequential(
@@ -61,7 +62,7 @@ class SimSiam(nn.Module):
 
 def build_model(args, img_size):
     """The network as initialized for training (eval_knn.py rebuilds it from a checkpoint's args)."""
-    return common.cut_init(SimSiam(args.arch, img_size, args.proj_dim, args.pred_dim), args.cut)
+    return common.cut_init(SimSiam(args, img_size), args.cut)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -79,28 +80,50 @@ def simsiam_loss(p1, p2, z1, z2):
     return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
 
 
-# ----------------------------------------------------------------------------- training step
-
-def training_step(model, x1, x2, args, progress):
+def compute_loss(model, x1, x2, args):
+    """Forward both views and the loss: (loss, embedding statistics)."""
     h1, z1, p1 = model(x1)
     h2, z2, p2 = model(x2)
     # GradScale sits on p, where the cosine similarity is taken on the side that gets a
     # gradient: identity forward, each sample's gradient times ||p||^power backward.
     p1, p2 = gradscale(p1, args.power), gradscale(p2, args.power)
     loss = simsiam_loss(p1, p2, z1, z2)
-    return loss, common.embedding_stats(torch.cat([p1, p2]), torch.cat([h1, h2]))
+    return loss, common.embedding_stats(torch.cat([p1, p2]), torch.cat([h1, h2]), (p1, p2), args.opposite_cos)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_step(model, optimizer, batches, views, run, step):
+    """One optimizer step on this rank's --accum micro-batches of uint8 images."""
+    # "fix-pred-lr": only group 0 (backbone, projector) follows warmup and cosine; the
+    # predictor (group 1) keeps the peak lr (SimSiam paper, Sec. 4.2 and Table 1).
+    optimizer.param_groups[0]["lr"] = run.lr_at(step)
+    optimizer.zero_grad(set_to_none=True)
+    for x in batches:
+        x1, x2 = views[0](x), views[1](x)  # two augmented views (b, 3, H, W), made on the device
+        with run.autocast():
+            loss, stats = compute_loss(model, x1, x2, run.args)
+        (loss / len(batches)).backward()  # micro-batch gradients add up to the batch's
+        run.meter.add(loss, stats, len(batches))
+    common.average_gradients(model.parameters())  # over torchrun's ranks; no-op in one process
+    optimizer.step()
 
 
 def main(argv=None):
     args = common.parse_args(Args, __doc__, argv)
-    run = common.setup("simsiam", args)
-    model = build_model(run.args, run.data.size)
-    view = run.augment()  # the Augment defaults are SimSiam's CIFAR recipe, for both views
+    run = common.start("simsiam", args)
+    model = common.prepare(build_model(run.args, run.data.size), run)
     groups = [{"params": [*model.backbone.parameters(), *model.projector.parameters()]},
-              # "fix-pred-lr": the predictor keeps the peak lr, no warmup or decay (SimSiam paper,
-              # Sec. 4.2 and Table 1: a predictor with a constant lr trains at least as well).
-              {"params": model.predictor.parameters(), "fixed_lr": True}]
-    common.train(run, model, training_step, groups, views=(view, view))
+              {"params": model.predictor.parameters()}]  # fix-pred-lr: see train_step
+    optimizer = common.make_optimizer(run.args, groups, run.device, nesterov=run.args.nesterov)
+    view = run.augment()  # the Augment defaults are SimSiam's CIFAR recipe, for both views
+    for epoch in range(run.restore(model, optimizer), run.args.epochs):
+        model.train()
+        for step, batches in run.batches(epoch):
+            train_step(model, optimizer, batches, (view, view), run, step)
+            run.meter.end_step(step)  # checks the previous step's loss, without waiting for this one
+        common.end_epoch(run, model, optimizer, epoch)
+    return common.finish(run, model)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ Each subcommand below turns one claim into a table of numbers, a CSV and a JSON 
     python simulate.py norms --seed 1 --out runs/simulate
     python simulate.py gradients --quick        # the reduced sizes the tests use
 
-Subcommands: gradients, bound, norms, angles, weight-decay, density, imbalance,
-gradscale. Measured on a 2-core CPU (Intel Xeon, shared with other jobs): `all` ran in
-89-94 s, and steps-to-converge grew like norm^2.002 over norms 0.25..10 (theory: 2). All
-tables are in the README's "Simulations" section.
+Subcommands: gradients, landscape, bound, norms, angles, weight-decay, density,
+imbalance, gradscale (`landscape` draws Fig. S1 and Fig. 1 in the plane). Measured on
+a 2-core CPU (Intel Xeon, shared with other jobs): `all` ran in 89-94 s, and
+steps-to-converge grew like norm^2.002 over norms 0.25..10 (theory: 2). All tables are
+in the README's "Simulations" section.
 """
 import argparse
 import csv
@@ -70,6 +71,14 @@ def sup_info_nce(z, y, tau):
     return -per_sample.mean()
 
 
+def info_nce_fixed(z, t, negatives, tau):
+    """InfoNCE (eq. 1) of each row of z (M, D) against one fixed positive t (D,) and fixed
+    negatives (K, D): -log e^{cos(z,t)/tau} / (e^{cos(z,t)/tau} + sum_k e^{cos(z,n_k)/tau}).
+    Returns (M,). Only z moves: the 2-D picture of what one embedding feels."""
+    logits = cos(z[:, None], torch.cat([t[None], negatives])[None]) / tau  # (M, 1 + K)
+    return logits.logsumexp(1) - logits[:, 0]
+
+
 def spearman(a, b):
     rank = lambda v: v.argsort().argsort().double()  # ties have probability zero here
     return torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1].item()
@@ -103,39 +112,81 @@ def print_table(title, rows):
 
 def save(out, name, result, draw=None):
     """Write out/name.csv (the rows) and out/name.json (everything); a PNG if matplotlib
-    imports. draw(plt) builds the figure; matplotlib is optional, so import it here."""
+    imports. draw(plt) builds the figure; matplotlib is optional, so import it here.
+    Prints and returns the paths it wrote."""
     os.makedirs(out, exist_ok=True)
     rows = result["rows"]
-    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
+    paths = [os.path.join(out, f"{name}.csv"), os.path.join(out, f"{name}.json")]
+    with open(paths[0], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(os.path.join(out, f"{name}.json"), "w") as f:
+    with open(paths[1], "w") as f:
         json.dump(result, f, indent=1)
-    if draw is None:
-        return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig = draw(plt)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"{name}.png"), dpi=120)
-    plt.close(fig)
+    if draw is not None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")  # no display needed
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print(f"no {name}.png: matplotlib is not installed (`pip install matplotlib` to draw it)")
+        else:
+            fig = draw(plt)
+            fig.tight_layout()
+            paths.append(os.path.join(out, f"{name}.png"))
+            fig.savefig(paths[-1], dpi=120)
+            plt.close(fig)
+    print("wrote " + ", ".join(paths))
+    return paths
 
 
-def line_plot(plt, series, xlabel, ylabel, log=False):
-    """One figure with a line per entry of series: {label: (x, y)}."""
-    fig, ax = plt.subplots(figsize=(5, 4))
+# Figure rules (Issue 17): every figure has a title, axis labels with units, the n behind
+# each point or line, and its headline number printed on it, so a PNG read alone (in the
+# README, in a slide) still says what it shows and how much data is behind it.
+def note(ax, text, loc="upper left"):
+    """The figure's headline numbers, in a box in a corner of ax."""
+    x, ha = (0.03, "left") if "left" in loc else (0.97, "right")
+    y, va = (0.97, "top") if "upper" in loc else (0.03, "bottom")
+    ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, fontsize=7,
+            bbox=dict(boxstyle="round", fc="white", ec="0.6", alpha=0.9))
+
+
+def integer_ticks(axis, log=False):
+    """Steps and epochs are counts: label them 20, 100, 200, never 2x10^1 or 12.5."""
+    from matplotlib import ticker  # only called from inside draw(plt), so matplotlib is there
+    if log:
+        axis.set_major_formatter(ticker.LogFormatter())
+        # Label the 2..9 minor ticks too, but only when the axis spans under 2 decades.
+        axis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    else:
+        axis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+
+
+def line_plot(plt, series, title, xlabel, ylabel, headline, log=False, counts=""):
+    """One figure with a line per entry of series: {label: (x, y)}; the labels carry the n.
+    counts names the axes ("x", "y" or "xy") that hold steps or epochs. Returns (fig, ax)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for label, (x, y) in series.items():
         ax.plot(x, y, "o-", label=label)
     if log:
         ax.set(xscale="log", yscale="log")
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.legend()
-    return fig
+    for name in counts:
+        integer_ticks(getattr(ax, f"{name}axis"), log)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.title.set_fontsize(9)
+    ax.margins(y=0.2)  # headroom, so the headline box in the corner does not hide the data
+    ax.legend(fontsize=7, loc="best")
+    note(ax, headline)
+    return fig, ax
+
+
+def descent(loss, z):
+    """-d loss / d z for each row of z (M, D) -> (M, D): where a gradient step moves it.
+    loss maps (M, D) -> (M,) and its rows are independent, so one backward pass gives
+    every row's own gradient."""
+    z = z.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(z).sum(), z)
+    return -g
 
 
 def random_pairs(norms, n, d):
@@ -225,7 +276,134 @@ def sim_gradients(quick=False):
         dict(check="InfoNCE steps (lr=1) that shrank a norm", max_dev=float(shrunk)),
     ]
     print_table(f"gradients: {n} random pairs in R^{d}, {n_batches} InfoNCE batches of {B} pairs (float64)", rows)
-    return dict(rows=rows, n_pairs=n, n_batches=n_batches), None
+
+    def draw(plt):  # |grad| / sin(phi) against |z_i|: every pair on the line 1/|z_i|
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        norm = zi.norm(dim=-1)
+        ax.loglog(norm, g.norm(dim=-1) / sin_phi, "o", ms=3, alpha=0.5,
+                  label=f"autograd, random pairs in R^{d} (n = {n})")
+        r = torch.logspace(math.log10(norm.min()), math.log10(norm.max()), 50)
+        ax.loglog(r, 1 / r, "k-", lw=0.8, label="1 / |z_i|  (Prop 3.1)")
+        ax.set(title="Prop 3.1: the cos-sim gradient has length sin(phi) / |z_i|",
+               xlabel="embedding norm |z_i| (unitless)", ylabel="|grad cos(z_i, z_j)| / sin(phi) (unitless)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, loc="lower left")
+        note(ax, f"max | |grad| |z_i| / sin(phi) - 1 | = {rows[1]['max_dev']:.1e}\n"
+                 f"max |cos(grad, z_i)| = {rows[2]['max_dev']:.1e}", loc="upper right")
+        return fig
+    return dict(rows=rows, n_pairs=n, n_batches=n_batches), draw
+
+
+def sim_landscape(quick=False):
+    """Fig. S1 and Fig. 1 (App. A.1, Sec. 3) in the plane R^2, positive t = (1, 0).
+
+    The loss -cos(z, t) depends on z only through its direction, so it is constant along
+    every ray from the origin and its level lines are rays (Fig. S1). Its negative
+    gradient is therefore tangent to the circle |z| = r and has length sin(phi) / r
+    (Prop. 3.1); InfoNCE with fixed negatives is also a function of the direction alone,
+    so the same holds for it (Prop. 3.2). A gradient step of size lr moves z along the
+    tangent, off its circle: |z'|^2 = |z|^2 + lr^2 |grad|^2 (Cor. 3.3). Small embeddings
+    take long steps and grow fast; large ones barely move. The figure draws each step as
+    an arrow, to scale, over the circles |z| = r.
+    """
+    t = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    # Three negatives, our choice: spread unevenly, so the InfoNCE field visibly differs
+    # from the cos field (it is pushed away from the negatives, not only towards t).
+    neg_deg = (105.0, 200.0, 250.0)
+    negatives = torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in neg_deg],
+                             dtype=torch.float64)  # (3, 2)
+    tau = 0.5  # SimCLR's temperature, as in `gradients`
+    losses = {"cos": lambda z: -cos(z, t), "InfoNCE": lambda z: info_nce_fixed(z, t, negatives, tau)}
+    lr = 0.3  # one step, drawn to scale: long enough to see, short enough to stay readable
+    # Not powers of 2: scaling by those is exact in floating point, and the 1/|z| check
+    # against the unit circle would pass trivially.
+    norms = [0.6, 1.2, 2.4]
+    n_angles = 12 if quick else 24
+    # Offset by half a slot so no point sits exactly on t or -t, where the cos field is 0.
+    angle = (torch.arange(n_angles, dtype=torch.float64) + 0.5) * 2 * math.pi / n_angles
+    u = torch.stack([angle.cos(), angle.sin()], 1)  # (A, 2) unit directions
+
+    rows, steps = [], {}
+    for name, loss in losses.items():
+        g_unit = descent(loss, u)  # (A, 2) the field on the unit circle
+        for r in norms:
+            z = r * u  # (A, 2)
+            g = descent(loss, z)  # (A, 2) autograd, not the closed form: this checks Prop 3.1
+            z_new = z + lr * g
+            new_norm, g_norm = z_new.norm(dim=-1), g.norm(dim=-1)
+            pythagoras = (new_norm**2 - r**2 - lr**2 * g_norm**2) / new_norm**2  # Cor 3.3: 0
+            rows.append(dict(loss=name, norm=r, points=n_angles,
+                             max_abs_cos_step_z=cos(g, z).abs().max().item(),  # tangent: 0
+                             max_dev_norm_x_step=(r * g_norm / g_unit.norm(dim=-1) - 1).abs().max().item(),  # 1/r: 0
+                             mean_step_length=(lr * g_norm).mean().item(),
+                             min_norm_gain=(new_norm - r).min().item(),
+                             max_norm_gain=(new_norm - r).max().item(),
+                             max_dev_pythagoras=pythagoras.abs().max().item()))
+            steps[name, r] = (z, lr * g)
+
+    # Fig. S1 in numbers: the loss along rays that span two decades of norm.
+    n_rays, radii = (36 if quick else 72), torch.logspace(-1, 1, 9 if quick else 41, dtype=torch.float64)  # 0.1..10
+    ray_angle = torch.arange(n_rays, dtype=torch.float64) * 2 * math.pi / n_rays  # includes t and -t
+    ray_u = torch.stack([ray_angle.cos(), ray_angle.sin()], 1)  # (R, 2)
+    landscape = []
+    for name, loss in losses.items():
+        values = loss((radii[:, None, None] * ray_u).reshape(-1, 2)).reshape(len(radii), n_rays)  # (radii, rays)
+        landscape.append(dict(loss=name, rays=n_rays, radii=len(radii),
+                              max_spread_along_rays=(values.max(0).values - values.min(0).values).max().item(),
+                              loss_min=values.min().item(), loss_max=values.max().item()))
+
+    print_table(f"landscape: one gradient step (lr={lr}) from {n_angles} points on each circle |z| = r; "
+                f"positive t = (1, 0), InfoNCE with {len(neg_deg)} fixed negatives, tau={tau}", rows)
+    print_table(f"landscape: loss along {n_rays} rays at {len(radii)} norms from 0.1 to 10 "
+                "(spread 0 = level lines are rays)", landscape)
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, 3, figsize=(16, 5.4))
+        # (a) Fig. S1: the landscape on a grid with an even number of points, so z = 0
+        # (where the cosine is undefined) is never one of them.
+        ax = axes[0]
+        ticks = torch.linspace(-3.5, 3.5, 160, dtype=torch.float64)
+        X, Y = torch.meshgrid(ticks, ticks, indexing="xy")
+        L = losses["cos"](torch.stack([X, Y], -1).reshape(-1, 2)).reshape(X.shape)
+        filled = ax.contourf(X, Y, L, levels=torch.linspace(-1, 1, 21).tolist(), cmap="viridis")
+        ax.contour(X, Y, L, levels=torch.linspace(-0.9, 0.9, 10).tolist(), colors="k", linewidths=0.6,
+                   linestyles="solid")
+        fig.colorbar(filled, ax=ax, label="loss -cos(z, t) (unitless)", fraction=0.046)
+        ax.plot(*t, "r*", ms=12, label="positive t")
+        ax.set(title="Fig. S1: the loss -cos(z, t) over the plane; level lines are rays")
+        ax.legend(fontsize=7, loc="lower left")
+        note(ax, f"spread of the loss along each ray <= {landscape[0]['max_spread_along_rays']:.1e}\n"
+                 f"(n = {n_rays} rays x {len(radii)} norms from 0.1 to 10)")
+        # (b), (c) Fig. 1: one gradient step from points on three circles, arrows to scale.
+        colours = ("tab:red", "tab:orange", "tab:blue")
+        for ax, name in zip(axes[1:], losses):
+            ours = [x for x in rows if x["loss"] == name]
+            for r, colour in zip(norms, colours):
+                z, step = steps[name, r]
+                ax.add_patch(plt.Circle((0, 0), r, fill=False, color=colour, lw=0.8, ls=":"))
+                ax.quiver(z[:, 0], z[:, 1], step[:, 0], step[:, 1], angles="xy", scale_units="xy", scale=1,
+                          color=colour, width=0.005, label=f"|z| = {r:g}: n = {n_angles} points")
+                # Follow the longest step: where it lands, and the circle it lands on.
+                k = step.norm(dim=-1).argmax()
+                end = z[k] + step[k]
+                ax.add_patch(plt.Circle((0, 0), end.norm().item(), fill=False, color=colour, lw=0.8))
+                ax.annotate(f"|z| {r:g} -> {end.norm():.3f}", end.tolist(), xytext=(4, 4),
+                            textcoords="offset points", fontsize=7, color=colour)
+            ax.plot(*t, "k*", ms=12, label="positive t")
+            if name == "InfoNCE":
+                ax.plot(*negatives.T, "kx", ms=9, mew=2, label=f"negatives (n = {len(negatives)})")
+            ax.set(title=f"Fig. 1: one gradient step on {name}, lr = {lr}"
+                   + (f", tau = {tau}" if name == "InfoNCE" else ""))
+            ax.legend(fontsize=7, loc="lower left")
+            note(ax, f"tangent: max |cos(step, z)| = {max(x['max_abs_cos_step_z'] for x in ours):.0e}\n"
+                     f"|step| |z| same on all circles\n  to {max(x['max_dev_norm_x_step'] for x in ours):.0e}\n"
+                     f"|z| grew at all {len(norms) * n_angles} points\nsolid circle: |z| after\n  the longest step")
+        for ax in axes:
+            ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal",
+                   xlabel="z[0] (unitless)", ylabel="z[1] (unitless)")
+            ax.title.set_fontsize(9)
+        return fig
+    return dict(rows=rows, landscape=landscape, lr=lr, tau=tau, negatives_deg=list(neg_deg)), draw
 
 
 def sim_bound(quick=False):
@@ -278,8 +456,17 @@ def sim_bound(quick=False):
 
     def draw(plt):
         best = summary["best_gain_by_rho"]
-        return line_plot(plt, {"max over phi, lr=0.1": ([b["rho"] for b in best], [b["max_gain"] for b in best])},
-                      "rho = |z_i| = |z_j|", "one-step gain in cos", log=True)
+        rho_ = [b["rho"] for b in best]
+        worst = max(r["worst_ratio_general"] for r in rows)
+        fig, ax = line_plot(plt, {f"measured, max over n = {len(phis)} angles": (rho_, [b["max_gain"] for b in best])},
+                            "Thm 3.4: one step on -cos(z_i, z_j), lr = 0.1, z_j fixed",
+                            "rho = |z_i| = |z_j| (unitless)", "largest one-step gain in cos (unitless)",
+                            f"measured gain / bound <= {worst:.4f}\nover all {len(grid)} cells (rho x phi x lr)",
+                            log=True)
+        # The bound m lr sin(phi) / rho^2 is largest at phi = pi/2: lr / rho^2.
+        ax.plot(rho_, [0.1 / r**2 for r in rho_], "k--", lw=1, label="bound lr / rho^2 (Thm 3.4)")
+        ax.legend(fontsize=7, loc="lower left")
+        return fig
     return dict(rows=rows, **summary), draw
 
 
@@ -294,7 +481,11 @@ def sim_norms(quick=False):
     exponent = fit_exponent(norms, steps.tolist()) if (steps > 0).all() else math.nan
     print_table(f"norms: {n} pairs in R^20, GD lr=10 on mean cos; steps until mean cos > 1 - {THRESHOLD}", rows)
     print(f"fitted exponent a in steps ~ norm^a: {exponent:.3f} (theory: 2)")
-    draw = lambda plt: line_plot(plt, {"measured": (norms, steps.tolist())}, "initial norm", "steps", log=True)
+    draw = lambda plt: line_plot(plt, {f"measured, n = {n} pairs per point": (norms, steps.tolist())},
+                                 "Fig 2a (top): steps to align pairs grow like norm^2",
+                                 "initial embedding norm |z| (unitless)",
+                                 f"steps until mean cos > 1 - {THRESHOLD} (steps)",
+                                 f"fitted exponent: steps ~ norm^{exponent:.3f}  (theory: 2)", log=True, counts="y")[0]
     return dict(rows=rows, exponent=exponent), draw
 
 
@@ -312,8 +503,13 @@ def sim_angles(quick=False):
     steps, _, _, _ = align(z, positive, max_steps=50000)
     rows = [dict(a=al, mean_angle_deg=math.degrees(s.item()), steps=int(t)) for al, s, t in zip(alphas, start, steps)]
     print_table(f"angles: {n} unit pairs in R^{d}, GD lr=10; steps until mean cos > 1 - {THRESHOLD}", rows)
-    draw = lambda plt: line_plot(plt, {"measured": ([r["mean_angle_deg"] for r in rows], steps.tolist())},
-                              "mean starting angle (deg)", "steps")
+    slow = rows[-1]["steps"] / next(r["steps"] for r in rows if r["a"] == 0.0)  # a = 0: 90 degrees
+    series = {f"measured, n = {n} pairs per point": ([r["mean_angle_deg"] for r in rows], steps.tolist())}
+    draw = lambda plt: line_plot(plt, series,
+                                 "Fig 2a (bottom): only starting angles near 180 degrees slow alignment",
+                                 "mean starting angle (degrees)", f"steps until mean cos > 1 - {THRESHOLD} (steps)",
+                                 f"steps at {rows[-1]['mean_angle_deg']:.1f} deg / steps at 90 deg = {slow:.1f}",
+                                 counts="y")[0]
     return dict(rows=rows), draw
 
 
@@ -360,9 +556,28 @@ def sim_weight_decay(quick=False):
 
     def draw(plt):
         ok = [x for x in rows if x["wd"] > 0 and isinstance(x["steps"], int)]
-        series = {f"norm {r}": ([x["wd"] for x in ok if x["norm"] == r], [x["steps"] for x in ok if x["norm"] == r])
+        series = {f"initial norm {r}, n = {n} pairs per point": ([x["wd"] for x in ok if x["norm"] == r],
+                                                                [x["steps"] for x in ok if x["norm"] == r])
                   for r in norms}
-        return line_plot(plt, series, "weight decay lambda", "steps", log=True)
+        # Headline: per norm, lambda = 0 against the fastest lambda; and which lambdas failed.
+        lines = []
+        for r in norms:
+            ours = [x for x in ok if x["norm"] == r]
+            if ours:
+                best = min(ours, key=lambda x: x["steps"])
+                lines.append(f"norm {r}: {cell[r, 0]['steps']} steps at lambda=0, "
+                             f"{best['steps']} at lambda={best['wd']:g}")
+        failed = sorted({x["wd"] for x in rows if not isinstance(x["steps"], int)})
+        if failed:
+            lines.append("not drawn, never converged: lambda = " + ", ".join(f"{lam:g}" for lam in failed))
+        fig, ax = line_plot(plt, series, f"Table 1: weight decay on the embeddings, GD lr={lr:g}",
+                            "weight decay lambda (unitless)", f"steps until mean cos > 1 - {THRESHOLD} (steps)",
+                            "\n".join(lines), log=True, counts="y")
+        for line, r in zip(ax.get_lines(), norms):  # lambda = 0 has no place on a log axis: a level line
+            if isinstance(cell[r, 0]["steps"], int):
+                ax.axhline(cell[r, 0]["steps"], color=line.get_color(), ls="--", lw=1, label=f"norm {r}, lambda = 0")
+        ax.legend(fontsize=7, loc="best")
+        return fig
     return dict(rows=rows, table=table), draw
 
 
@@ -429,9 +644,17 @@ def sim_density(quick=False):
                 "negative = denser points have larger norms", rows)
 
     def draw(plt):
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.scatter(knn_latent, z.norm(dim=-1), s=3, c=y, cmap="tab10")
-        ax.set(xlabel="10-NN cosine distance in latent space", ylabel="embedding norm")
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        for c in range(4):
+            ax.scatter(knn_latent[y == c], z[y == c].norm(dim=-1), s=3, label=f"class {c} (n = {per_class})")
+        ax.set(title=f"Fig 2b: after {epochs} epochs of SupCon, denser points have larger norms",
+               xlabel="10-NN cosine distance in latent space (unitless)", ylabel="embedding norm |z| (unitless)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, loc="lower right", markerscale=3)
+        untrained, trained = rows
+        note(ax, f"Spearman rho(norm, 10-NN distance), n = {len(y)}:\n"
+                 f"{trained['spearman_latent_knn']:.3f} trained, {untrained['spearman_latent_knn']:.3f} untrained",
+             loc="upper right")
         return fig
     return dict(rows=rows), draw
 
@@ -462,11 +685,19 @@ def sim_imbalance(quick=False):
             for e, runs in sorted(history.items())]
     print_table(f"imbalance: mean embedding norm per class frequency (class sizes {scale} x 1:2:4:8), "
                 f"mean of {seeds} seeds x 4 rotations", rows)
+    # Over only 4 classes rho can be 1, 0.8, 0.4, ...: it says whether the order is exact.
+    rho = spearman(torch.tensor(freqs, dtype=torch.float64), torch.tensor([rows[-1][f"x{f}"] for f in freqs]))
+    print(f"Spearman rho(class frequency, norm at epoch {epochs}) over the 4 classes: {rho:.2f}")
 
     def draw(plt):
         epochs_ = [r["epoch"] for r in rows]
-        return line_plot(plt, {f"x{f}": (epochs_, [r[f"x{f}"] for r in rows]) for f in freqs}, "epoch", "mean norm")
-    return dict(rows=rows, seeds=seeds), draw
+        runs = seeds * 4
+        series = {f"x{f}: {scale * f} points, mean of {runs} runs": (epochs_, [r[f"x{f}"] for r in rows])
+                  for f in freqs}
+        return line_plot(plt, series, "Fig 2c: classes seen more often get larger norms (frequencies 1:2:4:8)",
+                         "training epoch (epochs)", "mean embedding norm of the class (unitless)",
+                         f"Spearman rho(frequency, final norm) = {rho:.2f}  (n = 4 classes)", counts="x")[0]
+    return dict(rows=rows, seeds=seeds, spearman_freq_norm=rho), draw
 
 
 def sim_gradscale(quick=False):
@@ -478,9 +709,7 @@ def sim_gradscale(quick=False):
     t = torch.tensor([1.0, 0.0], dtype=torch.float64)  # the fixed positive
 
     def field(z, p):  # z (M, 2) -> (M, 2): what GD on z sees with GradScale in front of cos
-        z = z.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(cos(gradscale(z, p), t).sum(), z)
-        return g
+        return descent(lambda z: -cos(gradscale(z, p), t), z)
 
     def loop_integral(path, p):  # around the closed polygon path (M, 2); 2-point Gauss rule per edge
         seg = path.roll(-1, 0) - path  # (M, 2)
@@ -510,21 +739,29 @@ def sim_gradscale(quick=False):
                 f"closed-loop integrals ({m} points per edge)", rows)
 
     def draw(plt):
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
+        row_of = {r["power"]: r for r in rows}
         ticks = torch.linspace(-2, 2, 17, dtype=torch.float64)
         xy = torch.stack(torch.meshgrid(ticks, ticks, indexing="xy"), -1).reshape(-1, 2)  # (289, 2)
         xy = xy[xy.norm(dim=-1) > 0.2]
         for ax, p in zip(axes, (0.0, 1.0)):
             f = field(xy, p)
-            ax.quiver(xy[:, 0], xy[:, 1], f[:, 0], f[:, 1])
-            ax.plot(*sector.T, lw=1)
-            ax.set(title=f"power={p}", aspect="equal")
+            ax.quiver(xy[:, 0], xy[:, 1], f[:, 0], f[:, 1], label=f"field F_p(z), n = {len(xy)} grid points")
+            ax.plot(*sector.T, lw=1, label="loop: sector 1 < |z| < 2, 45-135 degrees")
+            ax.plot(*t, "r*", ms=10, label="positive t")
+            ax.set(title=f"power p = {p:g}", aspect="equal", xlabel="z[0] (unitless)", ylabel="z[1] (unitless)")
+            ax.legend(fontsize=7, loc="lower left")
+            r = row_of[p]
+            note(ax, f"loop integral around the sector = {r['sector_loop']:.4f}\n"
+                     f"closed form (2^p - 1)(cos 135 - cos 45) = {r['sector_closed_form']:.4f}")
+        fig.suptitle("App. D: GradScale turns the cos-sim field into a field no loss has (p != 0)", fontsize=10)
         return fig
     return dict(rows=rows), draw
 
 
 SUBCOMMANDS = {  # name -> (function, one line for --help)
     "gradients": (sim_gradients, "Prop 3.1-3.2, Cor 3.3: closed-form gradient, tangency, 1/|z| scaling"),
+    "landscape": (sim_landscape, "Fig S1, Fig 1: level lines are rays; a step is tangent, 1/|z| long, grows |z|"),
     "bound": (sim_bound, "Thm 3.4: one step raises the cosine by at most ~lr sin(phi)/rho^2"),
     "norms": (sim_norms, "Fig 2a top: steps to converge grow like (initial norm)^2"),
     "angles": (sim_angles, "Fig 2a bottom: only starting angles near pi slow convergence"),

@@ -7,10 +7,11 @@ For each method the same GPU, batch size and image count are timed four ways:
             tensors made once (no data, no augmentation, no heads, no loss)
     full    the method's real training step as its main() builds it: common.Augment
             makes both views from uint8 images on the device, then the method's
-            training_step, the optimizer, the lr schedule and common.train's bookkeeping
+            train_step (forward, loss, backward, optimizer step, EMA or queue) and the
+            lagged loss check, as its main() loop runs them
     PIL     the same step fed by torchvision PIL transforms in a DataLoader with one
             worker per CPU core (what most SSL code bases do)
-    k-NN    eval_knn.embed of a bank and a query set, then eval_knn.knn_predict
+    k-NN    common.embed of a bank and a query set, then common.knn_predict
 
 Seconds per epoch = (images // batch size) x the mean time of the timed steps. The
 images are random uint8 noise: no transform here costs more or less with the content.
@@ -41,7 +42,6 @@ import torchvision.transforms as T  # noqa: E402
 from torch import nn  # noqa: E402
 
 import common  # noqa: E402
-import eval_knn  # noqa: E402
 
 # name -> module; "mocov3" is moco.py with --version v3 (its ArgsV3 defaults).
 METHODS = {"simclr": "simclr", "simsiam": "simsiam", "byol": "byol", "moco": "moco", "mocov3": "moco"}
@@ -157,11 +157,11 @@ def free(device):
 
 class BackboneOnly(nn.Module):
     """A bare backbone, stored as `backbone` like the methods store theirs, so that
-    eval_knn.embed can embed with it."""
+    common.embed can embed with it."""
 
     def __init__(self, arch, size):
         super().__init__()
-        self.backbone, self.dim = common.make_backbone(arch, size)
+        self.backbone, self.dim = common.make_backbone(common.Args(arch=arch), size)
 
 
 def measure_floor(cfg, device):
@@ -171,9 +171,9 @@ def measure_floor(cfg, device):
     encoder without gradient, so its step can cost less than this floor.)"""
     net = BackboneOnly(cfg.arch, cfg.size).to(device)
     if device.type == "cuda":
-        net.to(memory_format=torch.channels_last)  # as common.train does
+        net.to(memory_format=torch.channels_last)  # as common.prepare does
     args = dataclasses.replace(common.Args(), batch_size=cfg.batch_size, arch=cfg.arch)  # SGD, momentum 0.9
-    optimizer = common.make_optimizer(args, [{"params": net.parameters()}], device)
+    optimizer = common.make_optimizer(args, net.parameters(), device)
     x1, x2 = (torch.randn(cfg.batch_size, 3, cfg.size, cfg.size, device=device) for _ in range(2))
     if device.type == "cuda":  # the layout common.Augment hands to the network
         x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
@@ -209,9 +209,9 @@ def load_method(name):
 def method_args(name, module, cfg):
     """The method's own defaults, with this benchmark's batch size and backbone; finished
     the way its main() finishes them."""
-    cls = module.ArgsV3 if name == "mocov3" else module.Args
-    args = dataclasses.replace(cls(), batch_size=cfg.batch_size, arch=cfg.arch)
-    if hasattr(module, "resolve"):  # moco.py fills its "by dataset" m and queue size here
+    args = module.Args(version="v3") if name == "mocov3" else module.Args()
+    args = dataclasses.replace(args, batch_size=cfg.batch_size, arch=cfg.arch)
+    if hasattr(module, "resolve"):  # moco.py fills its "by --version" defaults here
         args = module.resolve(args)
     if hasattr(module, "check"):  # and refuses e.g. a batch that --bn-splits does not divide
         module.check(args)
@@ -221,33 +221,32 @@ def method_args(name, module, cfg):
 def param_groups(name, model):
     """The optimizer's param groups, as each script's main() builds them."""
     trainable = [p for p in model.parameters() if p.requires_grad]  # not an EMA target or a frozen layer
-    if name == "simsiam":  # "fix-pred-lr": the predictor keeps the peak lr
+    if name == "simsiam":  # group 1, the predictor, keeps the peak lr ("fix-pred-lr", simsiam.train_step)
         predictor = {id(p) for p in model.predictor.parameters()}
         return [{"params": [p for p in trainable if id(p) not in predictor]},
-                {"params": list(model.predictor.parameters()), "fixed_lr": True}]
+                {"params": list(model.predictor.parameters())}]
     return [{"params": trainable}]
 
 
-def method_views(name, module, run, args):
+def method_views(module, run):
     """The two Augment recipes the method's main() trains with."""
-    if hasattr(module, "views"):  # byol.py and moco.py expose their recipes
-        return module.views(run, args)
+    if hasattr(module, "make_views"):  # byol.py and moco.py have their own recipes
+        return module.make_views(run)
     view = run.augment()  # SimCLR and SimSiam: the default recipe for both views
     return view, view
 
 
 class Trainer:
-    """The training loop's own step (common.Stepper), fed one batch at a time: what is
-    timed here is exactly what common.train runs."""
+    """The body of the method script's own loop, fed one batch at a time: its train_step,
+    then the lagged loss check. What is timed here is exactly what main() runs per step."""
 
-    def __init__(self, module, model, args, optimizer, steps_per_epoch):
-        device = next(model.parameters()).device
-        self.stepper = common.Stepper(model, module.training_step, optimizer, args, steps_per_epoch, device,
-                                      getattr(module, "before_step", None))  # BYOL's and MoCo's EMA
+    def __init__(self, module, model, optimizer, run):
+        self.module, self.model, self.optimizer, self.run = module, model, optimizer, run
         self.step = 0
 
     def __call__(self, x, views):
-        self.stepper(self.step, [x], views)
+        self.module.train_step(self.model, self.optimizer, [x], views, self.run, self.step)
+        self.run.meter.end_step(self.step)
         self.step += 1
 
 
@@ -257,22 +256,22 @@ PRE_MADE = (lambda pair: pair[0], lambda pair: pair[1])  # "views" of an already
 def measure_method(name, module, args, cfg, run, floor, pil_batches):
     """Time the full GPU-augmented step, then (unless pil_batches is None) the same
     model and step fed by the PIL DataLoader; returns the method's row of the table."""
+    run = dataclasses.replace(run, method=name, args=args)  # the method's args; a fresh Meter
     device, data = run.device, run.data
     torch.manual_seed(cfg.seed)
     reset_peak(device)
-    model = module.build_model(args, cfg.size).to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = common.make_optimizer(args, param_groups(name, model), device)
-    steps_per_epoch = cfg.images // cfg.batch_size
-    trainer = Trainer(module, model, args, optimizer, steps_per_epoch)
-    views = method_views(name, module, run, args)
+    model = common.prepare(module.build_model(args, cfg.size), run)
+    optimizer = common.make_optimizer(args, param_groups(name, model), device,
+                                      nesterov=getattr(args, "nesterov", False))
+    steps_per_epoch = run.steps_per_epoch
+    trainer = Trainer(module, model, optimizer, run)
+    views = method_views(module, run)
     perm = None
 
     def full_step():
         nonlocal perm
         i = trainer.step % steps_per_epoch
-        if i == 0:  # a new epoch, a new order, as in common.train
+        if i == 0:  # a new epoch, a new order, as in Run.batches
             perm = torch.randperm(len(data.train_x)).to(device)
         x = data.train_x[perm[i * cfg.batch_size: (i + 1) * cfg.batch_size]]  # (B, 3, H, W) uint8
         trainer(x, views)
@@ -353,15 +352,15 @@ def measure_knn(cfg, device, mean, std):
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
     reset_peak(device)
-    f = eval_knn.embed(net, bank[:1024], mean, std)
-    eval_knn.knn_predict(f, labels[:1024], eval_knn.embed(net, queries[:1024], mean, std), KNN_CLASSES)
+    f = common.embed(net, bank[:1024], mean, std)
+    common.knn_predict(f, labels[:1024], common.embed(net, queries[:1024], mean, std), KNN_CLASSES)
     sync(device)
     t0 = time.perf_counter()
-    bank_f = eval_knn.embed(net, bank, mean, std)  # (N, dim)
-    query_f = eval_knn.embed(net, queries, mean, std)  # (M, dim)
+    bank_f = common.embed(net, bank, mean, std)  # (N, dim)
+    query_f = common.embed(net, queries, mean, std)  # (M, dim)
     sync(device)
     t1 = time.perf_counter()
-    eval_knn.knn_predict(bank_f, labels, query_f, KNN_CLASSES)
+    common.knn_predict(bank_f, labels, query_f, KNN_CLASSES)
     sync(device)
     t2 = time.perf_counter()
     out = {"bank": cfg.knn_bank, "queries": cfg.knn_queries, "dim": bank_f.shape[1],
@@ -429,7 +428,7 @@ def table(result):
 
 def main(argv=None):
     cfg = parse(argv)
-    device = common.pick_device(cfg.device)
+    device, _ = common.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randint(0, 256, (cfg.images, 3, cfg.size, cfg.size), dtype=torch.uint8, generator=g)  # (N, 3, S, S)
@@ -437,7 +436,7 @@ def main(argv=None):
     y = torch.zeros(cfg.images, dtype=torch.long)
     # A common.Run, so that run.augment() builds the views as in the method scripts.
     data = common.Data("noise", x, y, x[:1], y[:1], num_classes=1).to(device)
-    run = common.Run("benchmark", None, device, data, mean, std, folder="")
+    run = common.Run("benchmark", common.Args(batch_size=cfg.batch_size), device, data, mean, std, folder="")
     steps_per_epoch = cfg.images // cfg.batch_size
 
     methods, skipped = {}, {}

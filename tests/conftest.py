@@ -26,8 +26,18 @@ def run_script(*argv, timeout=600, cwd=ROOT, threads=None):
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def gradients_at_p(model, training_step, x1, x2, args_at, powers, after_backward=None):
-    """Run training_step (at progress 0) once per GradScale power, capturing the predictor
+def make_run(args, n=16, size=8, classes=2):
+    """A common.Run over n random uint8 images on the CPU, for driving a script's train_step."""
+    import common
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % classes
+    data = common.Data("random", x, y, x, y, num_classes=classes)
+    return common.Run("test", args, torch.device("cpu"), data, [0.5] * 3, [0.25] * 3, folder="")
+
+
+def gradients_at_p(model, compute_loss, x1, x2, args_at, powers, after_backward=None):
+    """Run compute_loss once per GradScale power, capturing the predictor
     output p of each view and the gradient that reaches it. Returns ({power: (loss,
     gradient at p (2B, D), stats)}, p of both views (2B, D), from the last run)."""
     outputs, grads = [], {}
@@ -42,7 +52,7 @@ def gradients_at_p(model, training_step, x1, x2, args_at, powers, after_backward
     for power in powers:
         outputs.clear(), grads.clear()
         model.zero_grad(set_to_none=True)
-        loss, stats = training_step(model, x1, x2, args_at(power), 0.0)
+        loss, stats = compute_loss(model, x1, x2, args_at(power))
         loss.backward()
         if after_backward:
             after_backward()

@@ -29,29 +29,25 @@ def main(method, out):
         result["scaled"] = torch.tensor(float(size))
     else:
         if method == "simclr":
-            module, args, sync = simclr, simclr.Args(proj_dim=16, batch_size=B, lr=1.0), True
+            module, args, sync = simclr, simclr.Args(proj_dim=16, batch_size=B, lr=1.0, warmup=0, epochs=1), True
         elif method == "moco-v3":
             # SGD: Adam would turn float noise in near-zero gradients into full-size steps.
-            args = moco.resolve(moco.ArgsV3(arch="vit_tiny", mlp_dim=32, batch_size=B, lr=1.0, optimizer="sgd"))
+            args = moco.resolve(moco.Args(version="v3", arch="vit_tiny", mlp_dim=32, batch_size=B, lr=1.0,
+                                          optimizer="sgd", warmup=0, epochs=1))
             module, sync = moco, True
         else:  # moco-v2: per-rank BN on 2 ranks is split BN over 2 sub-batches in one process
             torch.randperm = lambda n, **kw: torch.arange(n, device=kw.get("device"))  # no shuffle: comparable keys
-            args = moco.resolve(moco.Args(queue=16, bn_splits=2 if size == 1 else 1, batch_size=B))
+            args = moco.resolve(moco.Args(queue=16, bn_splits=2 if size == 1 else 1, batch_size=B, warmup=0, epochs=1))
             module, sync = moco, False
-        model = module.build_model(args, 16)
-        before_step = getattr(module, "before_step", None)  # MoCo's key-encoder momentum update
-        if sync:
-            common.global_batchnorm(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = common.make_optimizer(args, [{"params": params}], torch.device("cpu"))
+        # A Run of 10 steps in all, so that step i is at progress i / 10, as the scripts' loops see it.
+        images = torch.zeros(10 * B, 3, 16, 16, dtype=torch.uint8)
+        data = common.Data("fixed", images, None, None, None, num_classes=1)
+        run = common.Run(method, args, torch.device("cpu"), data, [0.5] * 3, [0.25] * 3, "", None, rank, size)
+        model = common.prepare(module.build_model(args, 16), run, sync_bn=sync)
+        opt = common.make_optimizer(args, [p for p in model.parameters() if p.requires_grad], run.device)
+        views = (lambda pair: pair[0], lambda pair: pair[1])  # the batch is the pair of views itself
         for i in range(2):
-            if before_step:
-                before_step(model, args, i / 10)
-            opt.zero_grad()
-            loss, _ = module.training_step(model, x1, x2, args, i / 10)
-            loss.backward()
-            common.average_gradients(params)
-            opt.step()
+            module.train_step(model, opt, [(x1, x2)], views, run, i)
         result.update({k: v for k, v in model.named_parameters()})
         for name in ("queue", "queue_ptr"):
             if hasattr(model, name):

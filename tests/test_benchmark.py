@@ -1,5 +1,5 @@
 """benchmarks/throughput.py: its CPU smoke run (the table, the JSON and its arithmetic),
-that the step it times is the step common.train takes, and that this step reads no value
+that the step it times is the step each script's main() loop takes, and that this step reads no value
 back from the device except the lagged loss check."""
 import copy
 import dataclasses
@@ -87,33 +87,28 @@ def test_bad_flags_give_one_line(argv, says, capsys):
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err
 
 
-def test_timed_step_is_common_trains_step(tmp_path):
-    """Two steps of the benchmark's Trainer and two of common.train, from the same weights,
+def test_timed_step_is_the_scripts_own_step(tmp_path, monkeypatch):
+    """Two steps of the benchmark's Trainer and two of simclr.main(), from the same weights,
     data order and random state, end at the same weights: the benchmark times the real step."""
     bench = load_benchmark()
-    args = dataclasses.replace(simclr.Args(), dataset="synthetic", batch_size=16, epochs=1, warmup=1,
-                               knn_every=0, save_every=0, device="cpu")
+    argv = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1", "--warmup", "1",
+            "--knn-every", "0", "--save-every", "0", "--device", "cpu", "--out", str(tmp_path / "run")]
+    args = common.parse_args(simclr.Args, simclr.__doc__, argv)
+    start = simclr.build_model(args, 16)
+    monkeypatch.setattr(simclr, "build_model", lambda args, size: copy.deepcopy(start))
+    model = simclr.main(argv)
+
     data = common.load_dataset("synthetic", "data", subset=32)
-    mean, std = common.channel_stats(data.train_x)
-    run = common.Run("simclr", args, torch.device("cpu"), data, mean, std, str(tmp_path))
+    run = common.Run("simclr", args, torch.device("cpu"), data, *common.channel_stats(data.train_x), folder="")
     view = run.augment()
-    model = simclr.build_model(args, data.size)
-    copy_ = copy.deepcopy(model)
-
-    # common.train may reseed the global generator when an epoch starts (seed * 100003 +
-    # epoch * 1009 + rank + 1 = 1 here); seeding 1 before both runs makes their
-    # augmentations draw the same numbers whether it does or not.
-    torch.manual_seed(1)
-    common.train(run, model, simclr.training_step, [{"params": model.parameters()}], views=(view, view))
-
-    torch.manual_seed(1)
+    copy_ = copy.deepcopy(start)
     optimizer = common.make_optimizer(args, bench.param_groups("simclr", copy_), run.device)
-    trainer = bench.Trainer(simclr, copy_, args, optimizer, steps_per_epoch=2)
-    # common.train's data order for epoch 0.
+    trainer = bench.Trainer(simclr, copy_, optimizer, run)
+    # Run.batches' data order and augmentation seed for epoch 0 (seed * 100003 + epoch * 1009 + rank + 1).
     perm = torch.randperm(32, generator=torch.Generator().manual_seed(args.seed * 100003))
+    torch.manual_seed(1)
     for i in range(2):
-        x = data.train_x[perm[i * 16: (i + 1) * 16]]
-        trainer(x, (view, view))
+        trainer(data.train_x[perm[i * 16: (i + 1) * 16]], (view, view))
     for (name, a), b in zip(model.state_dict().items(), copy_.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -124,8 +119,8 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")  # e
 @pytest.mark.parametrize("name", ["simclr", "simsiam", "byol", "moco-v2", "moco-v3"])
 def test_a_training_step_reads_nothing_back_but_the_lagged_loss(name, monkeypatch):
     """On a GPU, reading a tensor's value on the host stalls the CPU until the GPU has
-    caught up. Counted here on the CPU: during 4 steps of common.Stepper (through the
-    benchmark's Trainer, which times it), the only reads made
+    caught up. Counted here on the CPU: during 4 steps of the script's train_step and
+    lagged check (through the benchmark's Trainer, which times them), the only reads made
     by this repo's code are the loss checks of the previous steps (3), from pinned memory on
     CUDA. torch's own single-tensor Adam on the CPU reads CPU-side step counters; those are
     not counted (CUDA uses the fused optimizer)."""
@@ -134,17 +129,17 @@ def test_a_training_step_reads_nothing_back_but_the_lagged_loss(name, monkeypatc
         "simsiam": (simsiam, simsiam.Args(proj_dim=16, pred_dim=8)),
         "byol": (byol, byol.Args(hidden_dim=16, proj_dim=8)),
         "moco-v2": (moco, moco.resolve(moco.Args(queue=32, bn_splits=2))),
-        "moco-v3": (moco, moco.resolve(moco.ArgsV3(arch="vit_tiny", mlp_dim=32, proj_dim=16))),
+        "moco-v3": (moco, moco.resolve(moco.Args(version="v3", arch="vit_tiny", mlp_dim=32, proj_dim=16))),
     }[name]
     args = dataclasses.replace(args, dataset="synthetic", batch_size=16, epochs=1, warmup=1)
     data = common.load_dataset("synthetic", "unused", subset=64)
     cpu = torch.device("cpu")
     run = common.Run(name, args, cpu, data, *common.channel_stats(data.train_x), folder="unused")
-    bench = load_benchmark()  # its Trainer is the training loop's own step, as main() sets it up
+    bench = load_benchmark()  # its Trainer is the script's own loop body, as main() sets it up
     method = name.split("-")[0]
-    views = bench.method_views(method, module, run, args)
+    views = bench.method_views(module, run)
     model = module.build_model(args, data.size)
-    trainer = bench.Trainer(module, model, args, common.make_optimizer(args, bench.param_groups(method, model), cpu), 4)
+    trainer = bench.Trainer(module, model, common.make_optimizer(args, bench.param_groups(method, model), cpu), run)
     ours = {os.path.realpath(os.path.join(ROOT, f)) for f in os.listdir(ROOT) if f.endswith(".py")}
     reads = []
 
@@ -160,4 +155,4 @@ def test_a_training_step_reads_nothing_back_but_the_lagged_loss(name, monkeypatc
         monkeypatch.setattr(torch.Tensor, method, counted(method), raising=False)
     for i in range(4):
         trainer(data.train_x[16 * i: 16 * (i + 1)], views)
-    assert reads == [("tolist", "common.py", "pop")] * 3
+    assert reads == [("tolist", "common.py", "check")] * 3

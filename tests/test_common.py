@@ -13,7 +13,7 @@ from eval_knn import knn_predict, norm_summary
 
 def test_cut_init_divides_every_parameter_and_shrinks_outputs():
     torch.manual_seed(0)
-    model = simclr.SimCLR("resnet18", 16, 32)
+    model = simclr.SimCLR(simclr.Args(proj_dim=32), 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(4, 3, 16, 16)
     model.eval()
@@ -46,14 +46,19 @@ def test_lr_schedule_warmup_then_cosine():
     assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
 
 
-def test_lr_scaling_and_fixed_groups():
-    args = common.Args(lr=0.3, batch_size=512, optimizer="sgd")
+def test_lr_scaling_and_schedule_per_step():
+    args = common.Args(lr=0.3, batch_size=512, optimizer="sgd", epochs=10, warmup=2)
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    opt = common.make_optimizer(args, [{"params": a.parameters()}, {"params": b.parameters(), "fixed_lr": True}],
-                                torch.device("cpu"))
+    opt = common.make_optimizer(args, [{"params": a.parameters()}, {"params": b.parameters()}], torch.device("cpu"))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.6)  # 0.3 * 512 / 256
-    common.set_lr(opt, 0.25)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.15) and opt.param_groups[1]["lr"] == pytest.approx(0.6)
+    assert not opt.param_groups[0]["nesterov"]
+    common.set_lr(opt, 0.15)
+    assert [g["lr"] for g in opt.param_groups] == [0.15, 0.15]
+    run = common.Run("test", args, torch.device("cpu"), common.Data("x", torch.zeros(1024, 3, 2, 2), None, None, None, 1),
+                     [0.5] * 3, [0.25] * 3, folder="")
+    assert run.steps_per_epoch == 2 and run.total_steps == 20
+    assert run.lr_at(0) == pytest.approx(0.6 / 4) and run.lr_at(3) == pytest.approx(0.6)  # 4 warmup steps
+    assert run.lr_at(19) == pytest.approx(0.6 * common.lr_factor(19, 20, 4))
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -126,7 +131,7 @@ def test_norm_summary():
 
 
 def test_features_spaces():
-    model = simclr.SimCLR("resnet18", 16, 8).eval()
+    model = simclr.SimCLR(simclr.Args(proj_dim=8), 16).eval()
     x = torch.randn(2, 3, 16, 16)
     assert common.features(model, x, "backbone").shape == (2, 512)
     assert common.features(model, x, "projector").shape == (2, 8)
@@ -151,22 +156,32 @@ def test_bad_flags_exit_2_with_a_sentence(argv, message, capsys):
 
 def test_embedding_stats():
     z = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
-    s = common.embedding_stats(z, z * 2)
+    s = common.embedding_stats(z, z * 2, (z, torch.tensor([[-3.0, 1.0], [1.0, 2.0]])))
     assert s["emb_norm_mean"].item() == pytest.approx(3.5) and s["feat_norm_mean"].item() == pytest.approx(7.0)
-    collapsed = common.embedding_stats(torch.ones(5, 3) * torch.arange(1, 6.0)[:, None], torch.ones(5, 3))
+    assert s["opposite_rate"].item() == 0.5  # cos < 0 for the first pair only (-9 + 4 < 0; 0 + 4 > 0)
+    assert common.embedding_stats(z, z, (z, -z), opposite_cos=-0.99)["opposite_rate"].item() == 1.0
+    assert common.embedding_stats(z, z, (z, z), opposite_cos=-0.99)["opposite_rate"].item() == 0.0
+    ones = torch.ones(5, 3) * torch.arange(1, 6.0)[:, None]
+    collapsed = common.embedding_stats(ones, torch.ones(5, 3), (ones, ones))
     assert collapsed["collapse_std"].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_effective_rank():
+    assert common.effective_rank(torch.randn(4000, 8, generator=torch.Generator().manual_seed(0))) == pytest.approx(8, rel=0.01)
+    line = torch.randn(100, 1) * torch.tensor([[1.0, 2.0, 3.0]])  # every embedding on one line
+    assert common.effective_rank(line) == pytest.approx(1.0, abs=1e-3)
+    assert 1.0 < common.effective_rank(torch.randn(100, 3) * torch.tensor([1.0, 0.1, 0.01])) < 2.0
 
 
 def test_gradscale_preset_sets_warmup_and_lr_unless_typed(capsys):
     def preset(*argv):
         return common.gradscale_preset(common.parse_args(simclr.Args, simclr.__doc__, list(argv)))
-    args = preset("--power", "1")
+    args, notes = preset("--power", "1")
     assert (args.warmup, args.lr) == (100, pytest.approx(0.3 / 6))
-    assert "GradScale preset: --warmup 100 --lr 0.05" in capsys.readouterr().err
-    args = preset("--power", "1", "--warmup", "10")
-    assert (args.warmup, args.lr) == (10, pytest.approx(0.05))
-    assert "GradScale preset: --lr 0.05 (" in capsys.readouterr().err
-    args = preset("--power", "0.5", "--lr", "0.2", "--warmup", "20")
-    assert (args.warmup, args.lr) == (20, 0.2) and "preset" not in capsys.readouterr().err
-    args = preset()  # GradScale off: the method's defaults
-    assert (args.warmup, args.lr) == (10, 0.3)
+    assert notes == ["GradScale preset: --warmup 100 --lr 0.05 (type either flag to override)"]
+    args, notes = preset("--power", "1", "--warmup", "10")
+    assert (args.warmup, args.lr) == (10, pytest.approx(0.05)) and notes[0].startswith("GradScale preset: --lr 0.05 (")
+    args, notes = preset("--power", "0.5", "--lr", "0.2", "--warmup", "20")
+    assert (args.warmup, args.lr) == (20, 0.2) and notes == []
+    args, notes = preset()  # GradScale off: the method's defaults
+    assert (args.warmup, args.lr) == (10, 0.3) and notes == []

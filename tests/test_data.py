@@ -1,5 +1,6 @@
 """Dataset loaders on small files written in each dataset's real on-disk format."""
 import gzip
+import io
 import os
 import pickle
 import struct
@@ -44,6 +45,34 @@ def test_cifar_pickles(tmp_path, name, bytes_keys):
     assert torch.equal(d.train_x[-4:], torch.from_numpy(data).view(4, 3, 32, 32))
     assert d.train_x[-1, 1, 0, 5].item() == data[-1, 1024 + 5]
     assert d.train_y[-4:].tolist() == labels and d.train_y.dtype == torch.int64
+
+
+class Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2 did when the real CIFAR files were written: bytes become Python 2
+    str (BINSTRING), not Python 3's _codecs.encode call."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_str2(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_str2
+
+
+def test_cifar_python2_pickles_load(tmp_path):
+    # The real batches name numpy.core.multiarray._reconstruct (numpy 1's module) and hold
+    # their keys and pixel bytes as Python 2 str; the restricted unpickler must accept both.
+    written, train_files, _ = write_cifar(tmp_path, "cifar10")
+    for f, (data, labels) in written.items():
+        out = io.BytesIO()
+        Python2Pickler(out, protocol=2).dump({b"batch_label": b"batch", b"data": data, b"labels": labels,
+                                              b"filenames": [b"a.png"] * len(labels)})
+        raw = out.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+        assert b"cnumpy.core.multiarray\n_reconstruct\n" in raw and b"_codecs" not in raw
+        (tmp_path / "cifar-10-batches-py" / f).write_bytes(raw)
+    d = common.load_dataset("cifar10", str(tmp_path))
+    data, labels = written[train_files[0]]
+    assert torch.equal(d.train_x[:4], torch.from_numpy(data).view(4, 3, 32, 32)) and d.train_y[:4].tolist() == labels
 
 
 def test_cifar_missing_and_corrupt_files_are_one_sentence(tmp_path):

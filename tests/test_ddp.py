@@ -1,4 +1,5 @@
 """torchrun with 2 CPU processes (gloo) against one process on the same global batch."""
+import importlib
 import json
 import os
 
@@ -51,6 +52,16 @@ def test_every_script_trains_under_torchrun(script, tmp_path):
     assert sorted(os.listdir(out)) == ["args.json", "last.pt", "metrics.jsonl"]  # rank 0 alone writes
     lines = open(out / "metrics.jsonl").read().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 2
+    # The optimizer was built from the final model (after the global-BN swap): it holds every
+    # trainable parameter, and every batch norm's shift left its initial 0.
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    module = importlib.import_module(script[0][:-3])
+    model = module.build_model(module.Args(**ckpt["args"]), ckpt["img_size"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"]) == len(trainable)
+    assert len(ckpt["optimizer"]["state"]) == len(trainable)  # each one was stepped
+    shifts = [n for n in trainable if n.endswith(".bias") and n.replace(".bias", ".running_mean") in ckpt["model"]]
+    assert shifts and all(ckpt["model"][n].abs().sum() > 0 for n in shifts), "a BN shift never trained"
     r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu")
     assert r.returncode == 0 and "top-1 = " in r.stdout, r.stderr
 

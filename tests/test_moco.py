@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
+from conftest import make_run, run_script
 
 import common
 import eval_knn
@@ -22,8 +22,9 @@ TINY = ["--dataset", "synthetic", "--subset", "16", "--batch-size", "16", "--epo
 def small_args(version="v2", **kw):
     """Args for a model that builds and runs in well under a second on a CPU."""
     if version == "v2":
-        return moco.Args(**{"dataset": "synthetic", "queue": 32, "bn_splits": 1, **kw})
-    return moco.ArgsV3(**{"dataset": "synthetic", "arch": "vit_tiny", "mlp_dim": 32, "proj_dim": 16, **kw})
+        return moco.resolve(moco.Args(**{"dataset": "synthetic", "queue": 32, "bn_splits": 1, **kw}))
+    return moco.resolve(moco.Args(**{"version": "v3", "dataset": "synthetic", "arch": "vit_tiny", "mlp_dim": 32,
+                                     "proj_dim": 16, **kw}))
 
 
 def images(n=4, size=8):
@@ -94,22 +95,22 @@ def test_momentum_schedule():
 
 
 def test_key_encoder_moves_once_per_optimizer_step_under_accum():
-    """The loop's own step (common.Stepper) with two micro-batches per step: before_step
-    moves the key encoder once per step, towards the query encoder of the previous step."""
+    """The script's own train_step with two micro-batches per step moves the key encoder
+    once per step, towards the query encoder of the previous step."""
     # m = 0.5 and a large lr, so that one update too many shows far above float noise.
     args = small_args("v3", epochs=1, warmup=0, batch_size=8, accum=2, optimizer="sgd", lr=10.0, m=0.5)
     cpu = torch.device("cpu")
     model = moco.build_model(args, 8)
-    opt = common.make_optimizer(args, [{"params": [p for p in model.parameters() if p.requires_grad]}], cpu)
-    stepper = common.Stepper(model, moco.training_step, opt, args, 2, cpu, moco.before_step)  # 2 steps in all
+    run = make_run(args)  # 16 images of batch 8: 2 steps in all
+    opt = common.make_optimizer(args, [p for p in model.parameters() if p.requires_grad], cpu)
     same = (lambda x: x, lambda x: x)  # the batches are already the views
     k0 = [k.clone() for _, k in key_pairs(model)]
-    stepper(0, list(images()), same)
+    moco.train_step(model, opt, list(images()), same, run, 0)
     # Step 0: the key encoder is a copy of the query encoder, so it stays exactly as it was.
     assert all(torch.equal(a, k) for a, (_, k) in zip(k0, key_pairs(model)))
     assert not all(torch.equal(a, q) for a, (q, _) in zip(k0, key_pairs(model)))  # the optimizer moved q
     q1, k1 = [q.clone() for q, _ in key_pairs(model)], [k.clone() for _, k in key_pairs(model)]
-    stepper(1, list(images()), same)  # progress 1/2
+    moco.train_step(model, opt, list(images()), same, run, 1)  # progress 1/2
     m = moco.key_momentum(args, 0.5)
     for (_, k), old, q in zip(key_pairs(model), k1, q1):
         torch.testing.assert_close(k, m * old + (1 - m) * q)  # once: twice would be m^2
@@ -130,19 +131,49 @@ def test_queue_is_fifo_wraps_around_and_holds_detached_keys():
         assert not model.queue.requires_grad and model.queue.grad_fn is None
 
 
-def test_keys_are_enqueued_after_the_loss():
-    args = small_args()
+def test_keys_are_enqueued_once_per_step_after_the_loss():
+    """Both micro-batches of a step (--accum 2) find the queue as the step found it; the
+    step's 8 keys are enqueued once, after the step."""
+    args = small_args(batch_size=8, accum=2, epochs=1, warmup=0)
     model = moco.build_model(args, 8)
     before = copy.deepcopy(model)
-    x1, x2 = images()
-    loss, stats = moco.training_step(model, x1, x2, args, 0.0)
-    # The same loss from scratch, with the queue as it was: this batch's keys are not negatives yet.
-    h, q = before(x1)
-    k = F.normalize(before.keys(x2), dim=1)
-    torch.testing.assert_close(loss, moco.info_nce_queue(q, k, before.queue, args.temperature))
-    torch.testing.assert_close(model.queue[:4], k)
-    assert torch.equal(model.queue[4:], before.queue[4:]) and int(model.queue_ptr) == 4
-    torch.testing.assert_close(stats["emb_norm_mean"], q.norm(dim=1).mean())
+    run = make_run(args)
+    opt = common.make_optimizer(args, [p for p in model.parameters() if p.requires_grad], torch.device("cpu"))
+    a, b = images()
+    moco.train_step(model, opt, [a, b], (lambda x: x, lambda x: x), run, 0)
+    losses, keys = [], []
+    for x in (a, b):  # the same losses from scratch, with the queue as it was
+        h, q = before(x)
+        k = F.normalize(before.keys(x), dim=1)
+        losses.append(moco.info_nce_queue(q, k, before.queue, args.temperature))
+        keys.append(k)
+    torch.testing.assert_close(run.meter.sums["loss"], (losses[0] + losses[1]).detach() / 2)
+    torch.testing.assert_close(model.queue[:8], torch.cat(keys))
+    assert torch.equal(model.queue[8:], before.queue[8:]) and int(model.queue_ptr) == 8
+
+
+@pytest.mark.parametrize("method", ["moco", "simsiam"])
+def test_accum_2_takes_the_same_step_as_one_big_batch(method):
+    """--accum 2 at batch 2b and --accum 1 at batch 2b give the same update. BN in eval
+    mode, so that a micro-batch's statistics cannot differ from the whole batch's."""
+    import simsiam
+    if method == "moco":
+        module, args = moco, small_args(batch_size=8, epochs=1, warmup=0, lr=1.0)
+    else:
+        module, args = simsiam, simsiam.Args(batch_size=8, epochs=1, warmup=0, lr=1.0, proj_dim=16, pred_dim=8,
+                                             dataset="synthetic")
+    x = torch.randn(8, 3, 8, 8)
+    same = (lambda x: x, lambda x: x)
+    models = []
+    for accum in (1, 2):
+        run_args = dataclasses.replace(args, accum=accum)
+        torch.manual_seed(3)
+        model = module.build_model(run_args, 8).eval()
+        opt = common.make_optimizer(run_args, [p for p in model.parameters() if p.requires_grad], torch.device("cpu"))
+        module.train_step(model, opt, list(x.chunk(accum)), same, make_run(run_args), 0)
+        models.append(model)
+    for (name, p1), p2 in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -153,7 +184,7 @@ def test_no_gradient_reaches_the_key_encoder(version):
     model = moco.build_model(args, 8)
     for _, k in key_pairs(model):
         k.requires_grad_(True)  # so only the no_grad key path can keep gradients out
-    loss, _ = moco.training_step(model, *images(), args, 0.0)
+    loss, _, _ = moco.compute_loss(model, *images(), args)
     loss.backward()
     for _, k in key_pairs(model):
         assert k.grad is None
@@ -172,7 +203,7 @@ def test_frozen_patch_projection_stays_put():
     before = conv.clone()
     head = model.backbone.encoder.layers[0].mlp[0].weight.clone()
     opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.1)
-    loss, _ = moco.training_step(model, *images(), args, 0.0)
+    loss, _, _ = moco.compute_loss(model, *images(), args)
     loss.backward()
     opt.step()
     assert torch.equal(conv, before) and not torch.equal(model.backbone.encoder.layers[0].mlp[0].weight, head)
@@ -195,7 +226,7 @@ def test_gradscale_scales_the_gradient_of_q(version):
 
     last.register_forward_hook(keep)
     for power in (0.0, 1.0):
-        loss, _ = moco.training_step(copy.deepcopy(model), x1, x2, dataclasses.replace(args, power=power), 0.0)
+        loss, _, _ = moco.compute_loss(copy.deepcopy(model), x1, x2, dataclasses.replace(args, power=power))
         loss.backward()
     n = len(outputs) // 2  # one (v2) or two (v3) query outputs per step
     assert n == (1 if version == "v2" else 2) and len(grads) == 2 * n
@@ -250,9 +281,11 @@ def test_shuffled_keys_come_back_in_image_order():
 # ----------------------------------------------------------------------------- flags
 
 def test_version_picks_the_defaults():
-    v3 = common.parse_args(moco.args_class(["--version=v3"]), moco.__doc__, ["--version=v3"])
+    v3 = common.parse_args(moco.Args, moco.__doc__, ["--version=v3"], resolve=moco.resolve)
     assert (v3.arch, v3.optimizer, v3.lr, v3.wd, v3.warmup, v3.proj_dim) == ("vit_small", "adamw", 1.5e-4, 0.1, 40, 256)
-    v2 = common.parse_args(moco.args_class([]), moco.__doc__, [])
+    v2 = common.parse_args(moco.Args, moco.__doc__, [], resolve=moco.resolve)
+    typed = common.parse_args(moco.Args, moco.__doc__, ["--version=v3", "--lr", "0.1"], resolve=moco.resolve)
+    assert typed.lr == 0.1 and typed.wd == 0.1  # a typed flag wins; the rest follow --version
     assert (v2.version, v2.arch, v2.optimizer, v2.lr, v2.warmup, v2.proj_dim) == ("v2", "resnet18", "sgd", 0.03, 0, 128)
 
 
@@ -302,7 +335,7 @@ def test_v3_end_to_end(tmp_path_factory):
                                    "--power", "1")
     assert ckpt["args"]["optimizer"] == "adamw" and "queue" not in ckpt["model"]
     # AdamW holds state only for trained parameters: not the key encoder, not the patch projection.
-    model = moco.build_model(moco.ArgsV3(**ckpt["args"]), 16)
+    model = moco.build_model(moco.Args(**ckpt["args"]), 16)
     assert len(ckpt["optimizer"]["state"]) == sum(p.requires_grad for p in model.parameters())
     assert torch.equal(ckpt["model"]["backbone.conv_proj.weight"], ckpt["model"]["key_backbone.conv_proj.weight"])
     result = eval_knn.main([str(out / "last.pt"), "--device", "cpu", "--space", "predictor", "--k", "5"])

@@ -109,8 +109,8 @@ def test_divergence_stops_within_a_step(tmp_path):
     out2 = tmp_path / "run2"
     r = run_script("simclr.py", *TINY, "--epochs", "2", "--warmup", "0", "--lr", "1e30", "--power", "1",
                    "--out", str(out2))
-    assert r.returncode == 2, r.stderr
-    assert "the loss became nan" in r.stderr.lower() or "the loss became inf" in r.stderr.lower()
+    assert r.returncode == 1, r.stderr  # a run that failed, not bad input
+    assert any(s in r.stderr.lower() for s in ("the loss became nan", "the loss became inf", "weights became nan"))
     assert "epoch 1, step" in r.stderr and "GradScale" in r.stderr and "Traceback" not in r.stderr
     assert not (out2 / "last.pt").exists()  # nothing half-trained was saved
     assert (out / "last.pt").read_bytes() == before
@@ -143,7 +143,8 @@ def bad_inputs(tmp_path):
     truncated.write_bytes(data[: len(data) // 3])
     fashion = tmp_path / "fashion"
     fashion.mkdir()
-    (fashion / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b broken")
+    for name in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
+        (fashion / f"{name}-ubyte.gz").write_bytes(b"\x1f\x8b broken")
     return [
         (["simclr.py", "--dataset", "mnist"], "invalid choice: 'mnist'"),
         (["simclr.py", "--optimizer", "lamb"], "invalid choice: 'lamb'"),

@@ -58,7 +58,7 @@ def test_gradscale_scales_the_gradient_reaching_p_by_its_norm():
     model = tiny_model()
     x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     # p: (2B, D), the predictor outputs of both views
-    runs, p = gradients_at_p(model, simsiam.training_step, x1, x2, lambda power: simsiam.Args(power=power),
+    runs, p = gradients_at_p(model, simsiam.compute_loss, x1, x2, lambda power: simsiam.Args(power=power),
                              (0.0, 1.0))
     assert runs[0.0][0] == pytest.approx(runs[1.0][0], abs=1e-6)  # identity forward
     torch.testing.assert_close(runs[1.0][1], runs[0.0][1] * p.norm(dim=1, keepdim=True))
@@ -96,7 +96,7 @@ def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
     peak = 0.05 * 16 / 256
     groups = ckpt["optimizer"]["param_groups"]
     assert groups[0]["lr"] == pytest.approx(peak * 2 / 20) and groups[0]["nesterov"]
-    assert groups[1]["fixed_lr"] and groups[1]["lr"] == pytest.approx(peak)
+    assert groups[1]["lr"] == pytest.approx(peak)
     assert len(groups[1]["params"]) == len([k for k in ckpt["model"] if k.startswith("predictor.")
                                             and "running" not in k and "num_batches" not in k])
     # Every analysis, where the loss sees the embedding: the predictor output p.

@@ -15,6 +15,7 @@ counter that.
 import copy
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +26,17 @@ from common import arg
 from gradscale import gradscale
 
 
+# The embedding-norms paper trains BYOL with SimSiam's setting (App. C.1): ResNet-50, batch
+# 1024 as 4 x 256, 10 warmup epochs, 512 epochs, no cut-init.
+PAPER = dict(arch="resnet50", batch_size=1024, accum=4, epochs=512, warmup=10, lr=0.05, wd=5e-4, cut=1.0)
+
+
 @dataclass
 class Args(common.Args):
     """BYOL flags. BYOL's own optimizer (LARS, batch 4096, lr 0.2 per 256, wd 1.5e-6; Sec. 3.3)
     is an ImageNet setting; at CIFAR scale the embedding-norms paper trains BYOL with the same
     SGD recipe as SimSiam, so the optimizer defaults are SimSiam's."""
+    PRESETS: ClassVar[dict] = {"laptop": common.LAPTOP, "paper": PAPER}
     batch_size: int = arg(1024, "images per step (embedding-norms paper); --accum splits it into micro-batches")
     lr: float = arg(0.05, "base lr per 256 images (embedding-norms paper, as SimSiam); peak lr = lr * batch_size / 256")
     wd: float = arg(5e-4, "weight decay (embedding-norms paper, as SimSiam)")

@@ -11,6 +11,7 @@ directions, the embedding norm ||z|| grows during training and slows it down; --
     python simclr.py --dataset fashionmnist --data-dir /usr/share/datasets/fashion-mnist --epochs 50 --cut 3
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,16 @@ from common import arg
 from gradscale import gradscale
 
 
+# The embedding-norms paper's own setting (App. C.1): ResNet-50, batch 256, 10 warmup
+# epochs, 512 epochs (Fig. 3, S6), no cut-init. Its lr is lost in the extracted text: 0.3
+# per 256 images is the SimCLR paper's. The dataset is yours to choose.
+PAPER = dict(arch="resnet50", batch_size=256, accum=1, epochs=512, warmup=10, lr=0.3, wd=1e-6, cut=1.0)
+
+
 @dataclass
 class Args(common.Args):
     """SimCLR flags; defaults follow the embedding-norms paper's SimCLR setting."""
+    PRESETS: ClassVar[dict] = {"laptop": common.LAPTOP, "paper": PAPER}
     lr: float = arg(0.3, "base lr per 256 images (0.6 at batch 512), SGD momentum 0.9")
     wd: float = arg(1e-6, "weight decay (SimCLR paper's 1e-6; the norms paper also sweeps 5e-4)")
     temperature: float = arg(0.5, "InfoNCE temperature tau (SimCLR paper, CIFAR-10 setting)")

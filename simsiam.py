@@ -12,6 +12,7 @@ during training and slows learning down; --cut (cut-initialization) and --power
     python simsiam.py --dataset cifar10 --batch-size 1024 --accum 4   # 4 micro-batches of 256
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,16 @@ from common import arg
 from gradscale import gradscale
 
 
+# The embedding-norms paper's own setting (App. C.1): ResNet-50, 256 images per micro-batch
+# accumulated 4 times (batch 1024), 10 warmup epochs, 512 epochs, no cut-init. Its lr is lost
+# in the extracted text: 0.05 per 256 images is the SimSiam paper's.
+PAPER = dict(arch="resnet50", batch_size=1024, accum=4, epochs=512, warmup=10, lr=0.05, wd=5e-4, cut=1.0)
+
+
 @dataclass
 class Args(common.Args):
     """SimSiam flags; defaults follow the embedding-norms paper's SimSiam setting."""
+    PRESETS: ClassVar[dict] = {"laptop": common.LAPTOP, "paper": PAPER}
     batch_size: int = arg(1024, "images per step (embedding-norms paper); --accum splits it into micro-batches")
     lr: float = arg(0.05, "base lr per 256 images (SimSiam paper, Sec. 4; 0.2 at batch 1024 in the norms paper)")
     wd: float = arg(5e-4, "weight decay (SimSiam paper's CIFAR setting, App. D; embedding-norms paper)")

@@ -98,17 +98,26 @@ def run_one(name, seed, a):
                    stdout=subprocess.DEVNULL)
     lines = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
     analyses = json.load(open(report))["analyses"]
-    unseen = [r for r in analyses["novelty"]["rows"] if r["set"] == "unseen classes"] if "novelty" in analyses else []
+    unseen = analyses.get("novelty", {}).get("sets", {}).get("unseen classes", {})
     import torch
     args = json.load(open(os.path.join(folder, "args.json")))["args"]
     return {"name": name, "claim": claim, "method": script[0][:-3], "cut": args["cut"], "power": args["power"],
             "wd": args["wd"], "lr": args["lr"], "seed": seed, "epochs": args["epochs"],
             "knn_top1": lines[-1]["knn_top1"], "emb_norm": lines[-1]["emb_norm_mean"],
             "norm_per_epoch": [round(line["emb_norm_mean"], 4) for line in lines],
+            "opposite_per_epoch": [round(line["opposite_rate"], 4) for line in lines],
             "spearman_norm_accuracy": analyses["buckets"]["spearman"],
-            "auroc_unseen": unseen[0]["auroc"] if unseen else None,
+            "auroc_unseen": unseen.get("auroc"), "relative_norm_unseen": unseen.get("relative"),
             "minutes": round(minutes, 2), "cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__,
             "command": command}
+
+
+def backfill(rows, out):
+    """Rows written before a field was recorded get it from their run's metrics.jsonl."""
+    for row in rows:
+        path = os.path.join(out, "laptop", f"{row['name']}-s{row['seed']}", "metrics.jsonl")
+        if "opposite_per_epoch" not in row and os.path.exists(path):
+            row["opposite_per_epoch"] = [round(json.loads(line)["opposite_rate"], 4) for line in open(path)]
 
 
 def script_flags(a):
@@ -126,14 +135,18 @@ def table(rows):
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.3g} ± {sd:.2g}"
 
-    out = ["| run | flags | seeds | k-NN top-1 (%) | final norm | Spearman(norm bin, acc.) | AUROC unseen | "
-           "minutes | paper's claim |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| run | flags | seeds | k-NN top-1 (%) | final norm | norm after epoch 1 | opposite pairs, epoch 1 → last "
+           "| Spearman(norm bin, acc.) | AUROC unseen | minutes | paper's claim |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, (script, claim) in GRID.items():
         mine = [r for r in rows if r["name"] == name]
         if not mine:
             continue
         out.append(f"| {name} | `{' '.join(script[1:]) or '(defaults)'}` | {len(mine)} | "
                    f"{ms([r['knn_top1'] for r in mine])} | {ms([r['emb_norm'] for r in mine])} | "
+                   f"{ms([r['norm_per_epoch'][0] for r in mine])} | "
+                   f"{ms([r['opposite_per_epoch'][0] for r in mine if 'opposite_per_epoch' in r])} → "
+                   f"{ms([r['opposite_per_epoch'][-1] for r in mine if 'opposite_per_epoch' in r])} | "
                    f"{ms([r['spearman_norm_accuracy'] for r in mine])} | {ms([r['auroc_unseen'] for r in mine])} | "
                    f"{ms([r['minutes'] for r in mine])} | {claim} |")
     return "\n".join(out)
@@ -178,8 +191,10 @@ def main(argv=None):
     path = os.path.join(a.out, "laptop.json")
     result = load(path)
     if a.table:
+        backfill(result["rows"], a.out)
         print(table(result["rows"]))
         return result
+    backfill(result["rows"], a.out)
     done = {(r["name"], r["seed"]) for r in result["rows"]}
     t0 = time.time()
     for seed in map(int, a.seeds.split(",")):  # seed by seed: a partial grid covers every row early

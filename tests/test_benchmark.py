@@ -156,3 +156,44 @@ def test_a_training_step_reads_nothing_back_but_the_lagged_loss(name, monkeypatc
     for i in range(4):
         trainer(data.train_x[16 * i: 16 * (i + 1)], views)
     assert reads == [("tolist", "common.py", "check")] * 3
+
+
+# ----------------------------------------------------------------------------- the laptop grid and the GPU check
+
+def test_gpu_check_runs_its_whole_cpu_fallback_path(tmp_path):
+    """benchmarks/gpu_check.py on this CPU, at a tiny budget: the throughput benchmark, then
+    the four Fashion-MNIST runs, into one JSON (small idx files in the real format)."""
+    from test_data import write_fashion
+    write_fashion(str(tmp_path / "fashion"), n=64)
+    out = tmp_path / "check"
+    r = run_script("benchmarks/gpu_check.py", "--out", str(out), "--data-dir", str(tmp_path / "fashion"),
+                   "--device", "cpu", "--epochs", "1", "--extra", "--batch-size 32 --width 8 --proj-dim 16",
+                   "--throughput", "--device cpu --images 32 --batch-size 16 --size 16 --steps 1 --warmup-steps 0 "
+                                   "--workers 0 --knn-bank 32 --knn-queries 16 --methods simclr --skip-pil")
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(out / "gpu_check.json"))
+    assert result["cuda"] is False and "simclr" in result["throughput"]["methods"]
+    assert sorted(result["runs"]) == ["simclr-c1", "simclr-c3", "simsiam-c1", "simsiam-c3"]
+    for run in result["runs"].values():
+        assert 0 <= run["knn_top1"] <= 100 and run["emb_norm"] > 0 and run["seconds_per_epoch"] > 0
+        assert "--dataset fashionmnist" in run["command"]
+    assert f"wrote {out / 'gpu_check.json'}" in r.stdout
+
+
+def test_laptop_grid_writes_rows_as_it_goes_and_resumes(tmp_path):
+    from test_data import write_fashion
+    write_fashion(str(tmp_path / "fashion"), n=64)
+    argv = ["benchmarks/laptop.py", "--out", str(tmp_path / "results"), "--only", "simclr-c1,simclr-unseen",
+            "--seeds", "0", "--epochs", "1",
+            "--extra", f"--data-dir {tmp_path / 'fashion'} --subset 0 --batch-size 32 --proj-dim 16 --width 8"]
+    r = run_script(*argv)
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(tmp_path / "results" / "laptop.json"))["rows"]
+    assert [(row["name"], row["seed"]) for row in rows] == [("simclr-c1", 0), ("simclr-unseen", 0)]
+    assert rows[1]["auroc_unseen"] is not None and rows[0]["auroc_unseen"] is None
+    for row in rows:
+        assert "--preset laptop" in row["command"] and row["epochs"] == 1 and len(row["norm_per_epoch"]) == 1
+    again = run_script(*argv)  # nothing left to do: no run is repeated
+    assert again.returncode == 0 and "python simclr.py" not in again.stdout
+    table = run_script("benchmarks/laptop.py", "--out", str(tmp_path / "results"), "--table")
+    assert "| simclr-unseen | `--exclude-classes 8,9` | 1 |" in table.stdout

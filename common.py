@@ -152,7 +152,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     the default is, or where it is empty."""
 
     def _get_help_string(self, action):
-        if action.default in ("", None) or "default" in (action.help or ""):
+        if action.default in ("", None, []) or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

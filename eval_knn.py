@@ -1038,7 +1038,7 @@ def note(r):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Weighted k-NN top-1 and the embedding-norm analyses of a checkpoint, "
                                 "or the training curves of several runs (--compare).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="a last.pt or epoch<N>.pt written by one of the method scripts")
     p.add_argument("--k", type=int, default=200, help="neighbours that vote")
     p.add_argument("--t", type=float, default=0.1, help="temperature of the exp(sim / T) vote weights")
@@ -1076,7 +1076,7 @@ def main(argv=None):
                         "loss, norms and k-NN top-1, then a summary line per run")
     p.add_argument("--figures", default=None, help="folder for PNG figures (only where matplotlib is installed)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the one the run used)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (CUDA, else MPS, else the CPU)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
     if a.k < 1 or not (a.t > 0 and math.isfinite(a.t)) or a.bins < 1 or a.probe_epochs < 0 \

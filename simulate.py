@@ -13,9 +13,10 @@ Each subcommand below turns one claim into a table of numbers, a CSV and a JSON 
 
 Subcommands: gradients, landscape, bound, norms, angles, weight-decay, density,
 imbalance, gradscale (`landscape` draws Fig. S1 and Fig. 1 in the plane). Measured on
-a 2-core CPU (Intel Xeon, shared with other jobs): `all` ran in 89-94 s, and
-steps-to-converge grew like norm^2.002 over norms 0.25..10 (theory: 2). All tables are
-in the README's "Simulations" section.
+a 2-core CPU (Intel Xeon, shared with other jobs), before `landscape` and the figures
+were added: `all` ran in 89-94 s, and steps-to-converge grew like norm^2.002 over norms
+0.25..10 (theory: 2); `landscape` alone takes about 2 s. The tables are in
+docs/measurements.md.
 """
 import argparse
 import csv

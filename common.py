@@ -27,7 +27,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 FORMAT = "normssl-1"  # marks checkpoints and run folders written by this project
@@ -405,6 +404,7 @@ def _cifar(name, data_dir, download):
     }[name]
     root = os.path.join(data_dir, folder)
     if download and not os.path.isdir(root):
+        import torchvision  # imported where needed: it costs ~2 s, and a bad flag should fail fast
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         _download(name, data_dir, lambda: cls(data_dir, download=True), root, "the extracted python-version batches")
 
@@ -546,6 +546,7 @@ def _fashionmnist(name, data_dir, download):
     # or in torchvision's layout data_dir/FashionMNIST/raw.
     folders = [data_dir, os.path.join(data_dir, "FashionMNIST", "raw")]
     if download and not any(os.path.exists(os.path.join(d, "train-images-idx3-ubyte.gz")) for d in folders):
+        import torchvision
         _download(name, data_dir, lambda: torchvision.datasets.FashionMNIST(data_dir, download=True),
                   data_dir, "the four *-ubyte.gz files", inner=("FashionMNIST", os.path.join("FashionMNIST", "raw")))
 
@@ -687,6 +688,7 @@ def _imagenet100(name, data_dir, download):
 def _flowers102(name, data_dir, download):
     root = data_dir if os.path.exists(os.path.join(data_dir, "setid.mat")) else os.path.join(data_dir, "flowers-102")
     if download and not os.path.exists(os.path.join(root, "setid.mat")):
+        import torchvision
         _download(name, data_dir, lambda: torchvision.datasets.Flowers102(data_dir, download=True),
                   os.path.join(data_dir, "flowers-102"), "jpg/, imagelabels.mat and setid.mat",
                   inner=("flowers-102",))
@@ -955,6 +957,7 @@ def make_backbone(args, img_size):
     ResNets on images of 64 px or less get the CIFAR stem: a 3x3 stride-1 conv and no
     max-pool, so a 32 px image is not shrunk to 8 px before the first block. ViTs use
     patch 4 there (a 32 px image is 8x8 tokens, 16 px is 4x4) and ViT's patch 16 above."""
+    import torchvision  # here, not at the top: importing it costs ~2 s, and a bad flag should fail fast
     arch = args.arch
     # (width, heads); both 12 blocks deep with MLP width 4x (DeiT, Touvron et al. 2021, Table 1).
     vits = {"vit_tiny": (192, 3), "vit_small": (384, 6)}

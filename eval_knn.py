@@ -52,7 +52,6 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import common
@@ -258,6 +257,7 @@ def prototypes(images, norms, labels, num_classes, out_png, per=10):
     tiles = images[idx.clamp(min=0).flatten().to(images.device)].cpu().float() / 255  # (C * 2per, 3, H, W)
     tiles[idx.flatten() < 0] = 0
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    import torchvision
     torchvision.utils.save_image(tiles, out_png, nrow=2 * per)  # 2 px black padding between tiles
     return idx
 

@@ -84,7 +84,7 @@ def main(argv=None):
         flags = [*script, "--dataset", "fashionmnist", "--data-dir", fashion, "--epochs", str(a.epochs),
                  "--batch-size", str(a.batch_size), "--knn-every", "5", "--device", a.device,
                  *shlex.split(a.extra), "--out", folder]
-        resume = ["--resume", "auto"] if os.path.exists(os.path.join(folder, "last.pt")) else []
+        resume = ["--resume", "auto"] if os.path.isdir(folder) else []  # continue an interrupted run
         t0 = time.time()
         subprocess.run([sys.executable, *flags, *resume], cwd=ROOT, check=True)
         lines = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]

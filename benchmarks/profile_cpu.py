@@ -10,7 +10,6 @@ channels-last, so the choices in benchmarks/README.md can be checked.
     python benchmarks/profile_cpu.py --method simclr --steps 10 --threads 2
 """
 import argparse
-import dataclasses
 import importlib
 import os
 import sys

@@ -41,7 +41,8 @@ def test_two_processes_take_the_same_steps_as_one(method, tmp_path):
     assert "queue" in one if method == "moco-v2" else "queue" not in one
 
 
-@pytest.mark.parametrize("script", [["simclr.py"], ["simsiam.py"], ["byol.py"],
+@pytest.mark.parametrize("script", [["simclr.py"], ["simsiam.py", "--proj-dim", "64", "--pred-dim", "16"],
+                                    ["byol.py", "--hidden-dim", "64", "--proj-dim", "16"],
                                     ["moco.py", "--version", "v2", "--queue", "32", "--bn-splits", "2"],
                                     ["moco.py", "--version", "v3", "--arch", "vit_tiny", "--mlp-dim", "64"]])
 def test_every_script_trains_under_torchrun(script, tmp_path):
@@ -62,8 +63,8 @@ def test_every_script_trains_under_torchrun(script, tmp_path):
     assert len(ckpt["optimizer"]["state"]) == len(trainable)  # each one was stepped
     shifts = [n for n in trainable if n.endswith(".bias") and n.replace(".bias", ".running_mean") in ckpt["model"]]
     assert shifts and all(ckpt["model"][n].abs().sum() > 0 for n in shifts), "a BN shift never trained"
-    r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu")
-    assert r.returncode == 0 and "top-1 = " in r.stdout, r.stderr
+    import eval_knn  # in-process: the subprocess path of eval_knn.py is tested elsewhere
+    assert 0 <= eval_knn.main([str(out / "last.pt"), "--device", "cpu", "--k", "5"])["knn_top1"] <= 100
 
 
 def test_batch_must_split_evenly_over_ranks(tmp_path):

@@ -36,7 +36,8 @@ def test_readme_quickstart_runs_and_says_what_it_did(tmp_path):
     assert f"run folder {out}" in start and "batch 64" in start and "warmup 1 of 1 epochs" in start
     assert "--preset laptop: --dataset fashionmnist" in r.stderr  # the preset says what it set
     done = re.search(r"done: k-NN top-1 ([\d.]+) %, embedding norm ([\d.]+), wall time \d+ s", r.stdout)
-    assert done and 0 <= float(done.group(1)) <= 100 and float(done.group(2)) > 0, r.stdout
+    assert done and float(done.group(2)) > 0, r.stdout
+    assert float(done.group(1)) > 10  # above chance (10 classes) on real images, even after 4 steps
     assert f"wrote {out}/last.pt and {out}/metrics.jsonl" in r.stdout
     assert f"next: python eval_knn.py {out}/last.pt --all" in r.stdout
     evaluate = [out if a == folder else a.replace(folder, out) for a in evaluate]

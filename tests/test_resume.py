@@ -17,12 +17,13 @@ from conftest import ROOT, run_script
 TINY = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--device", "cpu",
         "--knn-every", "2", "--save-every", "0"]
 # Each method with the extra flags that keep it tiny on a CPU.
+# Small heads: the papers' 2048- and 4096-wide MLPs would make these CPU tests slow.
 METHODS = {
     "simclr": ["simclr.py"],
-    "simsiam": ["simsiam.py"],
-    "byol": ["byol.py"],
+    "simsiam": ["simsiam.py", "--proj-dim", "64", "--pred-dim", "16"],
+    "byol": ["byol.py", "--hidden-dim", "64", "--proj-dim", "16"],
     "moco-v2": ["moco.py", "--version", "v2", "--queue", "32"],
-    "moco-v3": ["moco.py", "--version", "v3", "--arch", "vit_tiny"],
+    "moco-v3": ["moco.py", "--version", "v3", "--arch", "vit_tiny", "--mlp-dim", "64", "--proj-dim", "16"],
 }
 TIMING = {"epoch_seconds", "images_per_second"}
 
@@ -58,25 +59,26 @@ def test_kill_and_resume_is_bitwise_identical(name, tmp_path):
         pytest.skip(f"{METHODS[name][0]} not present")
     script = METHODS[name]
     whole, part = tmp_path / "whole", tmp_path / "part"
-    r = run_script(*script, *TINY, "--epochs", "4", "--out", str(whole))
+    r = run_script(*script, *TINY, "--epochs", "3", "--out", str(whole))
     assert r.returncode == 0, r.stderr
-    killed_at = kill_after_epoch([*script, *TINY, "--epochs", "4", "--out", str(part)], part, 1)
-    assert killed_at < 4, "the run finished before the kill; the test proves nothing"
+    killed_at = kill_after_epoch([*script, *TINY, "--epochs", "3", "--out", str(part)], part, 1)
+    assert killed_at < 3, "the run finished before the kill; the test proves nothing"
     r = run_script(*script, "--resume", str(part / "last.pt"))
     assert r.returncode == 0, r.stderr
     a, b = common.load_checkpoint(str(whole / "last.pt")), common.load_checkpoint(str(part / "last.pt"))
-    assert a["epoch"] == b["epoch"] == 4
+    assert a["epoch"] == b["epoch"] == 3
     for k, v in a["model"].items():  # parameters and buffers: EMA targets, queues, BN statistics
         assert torch.equal(v, b["model"][k]), k
     assert metrics(whole) == metrics(part)
 
 
-def test_resume_auto_and_more_epochs(tmp_path):
+def test_resume_auto_and_more_epochs(tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out)).returncode == 0
-    r = run_script("simclr.py", "--resume", "auto", "--out", str(out), "--epochs", "2")
-    assert r.returncode == 0, r.stderr
-    assert "resuming with --epochs 2 (was 1)" in r.stderr
+    simclr.main([*TINY, "--epochs", "1", "--out", str(out)])  # in-process: the subprocess path is tested above
+    capsys.readouterr()
+    simclr.main(["--resume", "auto", "--out", str(out), "--epochs", "2"])
+    captured = capsys.readouterr()
+    assert "resuming with --epochs 2 (was 1)" in captured.err and "| resuming from epoch 1" in captured.out
     assert [m["epoch"] for m in metrics(out)] == [1, 2]
 
 
@@ -97,23 +99,6 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     # A temporary file left by a SIGKILL (which no finally block survives) does not matter either.
     (tmp_path / "last.pt.tmp999").write_bytes(b"PK\x03\x04 garbage")
     assert common.load_checkpoint(path)["epoch"] == 1
-
-
-def test_divergence_stops_within_a_step(tmp_path):
-    out = tmp_path / "run"
-    assert run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out)).returncode == 0
-    before = (out / "last.pt").read_bytes()
-    r = run_script("simclr.py", "--resume", str(out / "last.pt"), "--epochs", "3", "--lr", "1e30")
-    assert r.returncode == 2 and "--lr" in r.stderr  # lr defines the run: refused before training
-    # A real divergence: an absurd lr from the start makes the loss non-finite.
-    out2 = tmp_path / "run2"
-    r = run_script("simclr.py", *TINY, "--epochs", "2", "--warmup", "0", "--lr", "1e30", "--power", "1",
-                   "--out", str(out2))
-    assert r.returncode == 1, r.stderr  # a run that failed, not bad input
-    assert any(s in r.stderr.lower() for s in ("the loss became nan", "the loss became inf", "weights became nan"))
-    assert "epoch 1, step" in r.stderr and "GradScale" in r.stderr and "Traceback" not in r.stderr
-    assert not (out2 / "last.pt").exists()  # nothing half-trained was saved
-    assert (out / "last.pt").read_bytes() == before
 
 
 def evil_checkpoint(path):

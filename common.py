@@ -39,7 +39,9 @@ class UsageError(Exception):
 def cli(main):
     """Run main() as a command: bad input (UsageError) is one line on stderr and exit status
     2, a failed run (RunFailed, OSError) one line and 1; Ctrl-C or SIGTERM says what is safe."""
-    signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C raises KeyboardInterrupt even where the parent started us with SIGINT ignored
+    # (a background job of a script), and SIGTERM unwinds the same way.
+    handlers = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UsageError as e:
@@ -57,6 +59,8 @@ def cli(main):
         sys.exit(143 if e.args else 130)
     finally:
         unlock_folder()
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
 
 
 def _terminate(signum, frame):

@@ -39,6 +39,7 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--extra", default="", help="more flags for every training run")
     p.add_argument("--throughput", default="", help="flags for benchmarks/throughput.py (default: its own)")
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated training runs (default: all four)")
     return p.parse_args(argv)
 
 
@@ -78,7 +79,7 @@ def main(argv=None):
     fashion = data_dir(a)
     result.setdefault("runs", {})
     for name, script in RUNS.items():
-        if name in result["runs"]:
+        if name in result["runs"] or name not in a.runs.split(","):
             continue
         folder = os.path.join(a.out, name)
         flags = [*script, "--dataset", "fashionmnist", "--data-dir", fashion, "--epochs", str(a.epochs),

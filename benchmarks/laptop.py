@@ -138,8 +138,9 @@ def table(rows):
         values = [v for v in values if v is not None]
         if not values:
             return "-"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3g} ± {sd:.2g}"
+        if len(values) == 1:  # one seed: no spread to show
+            return f"{values[0]:.3g}"
+        return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
 
     out = ["| run | flags | seeds | k-NN top-1 (%) | final norm | norm after epoch 1 | opposite pairs, epoch 1 → last "
            "| Spearman(norm bin, acc.) | AUROC unseen | training minutes | paper's claim |",

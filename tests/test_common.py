@@ -185,3 +185,24 @@ def test_gradscale_preset_sets_warmup_and_lr_unless_typed(capsys):
     assert (args.warmup, args.lr) == (20, 0.2) and notes == []
     args, notes = preset()  # GradScale off: the method's defaults
     assert (args.warmup, args.lr) == (10, 0.3) and notes == []
+
+
+def test_device_choice_with_availability_mocked(monkeypatch):
+    """auto takes CUDA, then Apple's MPS, then the CPU; asking for an absent one is an error."""
+    def machine(cuda, mps):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    machine(True, True)
+    assert common.pick_device("auto") == (torch.device("cuda"), "cuda:0 (Fake GPU)")
+    machine(False, True)
+    device, why = common.pick_device("auto")
+    assert device.type == "mps" and "untested" in why
+    assert common.pick_device("mps")[0].type == "mps"
+    machine(False, False)
+    assert common.pick_device("auto") == (torch.device("cpu"), "cpu (no CUDA or MPS found)")
+    for name, says in [("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("mps", "no Apple MPS GPU"),
+                       ("tpu", "not a device name")]:
+        with pytest.raises(common.UsageError, match=says):
+            common.pick_device(name)
+    assert common.autocast(torch.device("mps")).__class__.__name__ == "nullcontext"  # autocast on CUDA only

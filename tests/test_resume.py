@@ -19,7 +19,7 @@ TINY = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--dev
 # Each method with the extra flags that keep it tiny on a CPU.
 # Small heads: the papers' 2048- and 4096-wide MLPs would make these CPU tests slow.
 METHODS = {
-    "simclr": ["simclr.py"],
+    "simclr": ["simclr.py"],  # its kill-and-resume is test_bad_input.py's SIGTERM test
     "simsiam": ["simsiam.py", "--proj-dim", "64", "--pred-dim", "16"],
     "byol": ["byol.py", "--hidden-dim", "64", "--proj-dim", "16"],
     "moco-v2": ["moco.py", "--version", "v2", "--queue", "32"],
@@ -53,7 +53,7 @@ def kill_after_epoch(argv, folder, epoch, timeout=600):
     pytest.fail("timed out waiting for the checkpoint")
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "simclr"])
 def test_kill_and_resume_is_bitwise_identical(name, tmp_path):
     if not available(name):
         pytest.skip(f"{METHODS[name][0]} not present")

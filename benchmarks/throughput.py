@@ -43,7 +43,7 @@ from torch import nn  # noqa: E402
 
 import common  # noqa: E402
 
-# name -> module; "mocov3" is moco.py with --version v3 (its ArgsV3 defaults).
+# name -> module; "mocov3" is moco.py with --version v3 (its v3 defaults, moco.DEFAULTS).
 METHODS = {"simclr": "simclr", "simsiam": "simsiam", "byol": "byol", "moco": "moco", "mocov3": "moco"}
 DEFAULT_METHODS = ("simclr", "simsiam", "byol", "moco")
 KNN_CLASSES = 10  # labels of the bank are random; only the vote's size matters for the time

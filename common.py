@@ -1893,25 +1893,28 @@ def check_resume_target(path, ckpt):
                              "copy the checkpoint into a new folder and resume it there")
 
 
-def read_jsonl(path):
-    """The JSON objects of a metrics.jsonl, one per line; damaged lines (a kill mid-write,
-    garbage) are skipped with one warning that counts them."""
-    rows, bad = [], 0
-    with open(path, errors="replace") as fh:
-        for line in fh:
+def read_jsonl(path, valid=lambda row: type(row.get("epoch")) is int, shown="lines"):
+    """The JSON objects of a metrics.jsonl, one per line, and the numbers of its damaged lines.
+    A line is damaged when it is not a JSON object that `valid` accepts (a kill mid-write
+    leaves half a line; a disk error, garbage); damaged lines are skipped with one warning."""
+    rows, damaged = [], []
+    with open(path, errors="replace") as fh:  # undecodable bytes make a damaged line, not a crash
+        for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 row = None
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            if isinstance(row, dict) and valid(row):
                 rows.append(row)
             else:
-                bad += 1
-    if bad:
-        print(f"warning: skipped {bad} damaged line{'s' if bad > 1 else ''} of {path}", file=sys.stderr)
-    return rows
+                damaged.append(i)
+    if damaged:
+        where = ", ".join(map(str, damaged[:3])) + (", ..." if len(damaged) > 3 else "")
+        print(f"warning: skipped {len(damaged)} damaged line{'s' * (len(damaged) > 1)} of {path} (line {where})"
+              + (f"; the other {len(rows)} {shown} are kept" if rows else ""), file=sys.stderr)
+    return rows, damaged
 
 
 def trim_metrics(path, epoch):
@@ -1919,7 +1922,7 @@ def trim_metrics(path, epoch):
     written after it (a kill between the metrics line and the checkpoint) and damaged ones."""
     if not os.path.exists(path):
         return
-    keep = [row for row in read_jsonl(path) if row["epoch"] <= epoch]
+    keep = [row for row in read_jsonl(path)[0] if row["epoch"] <= epoch]
     with open(path + ".tmp", "w") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in keep)
     os.replace(path + ".tmp", path)

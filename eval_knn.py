@@ -544,33 +544,18 @@ def read_metrics(path):
     file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise common.UsageError(f"{path} has no metrics.jsonl; pass a run folder that has trained at least one epoch")
-    rows, damaged = {}, []
-    with open(file, errors="replace") as fh:  # undecodable bytes make a damaged line, not a crash
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if metrics_line(row):
-                rows[row["epoch"]] = row
-            else:
-                damaged.append(i)
-    if not rows:
+    lines, damaged = common.read_jsonl(file, valid=metrics_line, shown="epochs")
+    if not lines:
         raise common.UsageError(f"{file} is empty; the run has not finished an epoch yet" if not damaged else
                                 f"{file} has no readable metrics line ({len(damaged)} damaged); the file is damaged")
-    if damaged:
-        print(f"warning: skipped {len(damaged)} damaged line{'s' * (len(damaged) > 1)} of {file} (line "
-              f"{', '.join(map(str, damaged[:3]))}{', ...' if len(damaged) > 3 else ''}); the other "
-              f"{len(rows)} epochs are shown", file=sys.stderr)
+    rows = {row["epoch"]: row for row in lines}
     return [rows[e] for e in sorted(rows)]
 
 
 def metrics_line(row):
-    """A metrics line is a JSON object with an integer epoch and numbers (or null) for the curves."""
+    """A metrics line has an integer epoch and numbers (or null) for the curves."""
     number = (int, float, type(None))
-    return (isinstance(row, dict) and type(row.get("epoch")) is int
+    return (type(row.get("epoch")) is int
             and all(isinstance(row.get(k), number) and not isinstance(row.get(k), bool) for k in CURVES))
 
 

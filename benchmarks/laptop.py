@@ -12,9 +12,11 @@ where it stopped (a half-trained run continues from its last epoch):
     python benchmarks/laptop.py --only simsiam-c3 --seeds 0   # one row
 
 Each run uses --threads intra-op threads (default 1, so that a run's numbers do not depend
-on what else the machine does); the exact command is stored with its row.
+on what else the machine does); the exact command is stored with its row. Workers with
+different --seeds may run side by side (one per core); each adds its rows under a lock.
 """
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -78,6 +80,19 @@ def save(result, path):
     with open(tmp, "w") as fh:
         json.dump(result, fh, indent=1)
     os.replace(tmp, path)
+
+
+def add_row(row, path):
+    """Adds one row to laptop.json and returns the file's rows. The file is read again under a
+    lock, so that workers running different seeds side by side keep each other's rows."""
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = load(path)
+        result["rows"] = [r for r in result["rows"] if (r["name"], r["seed"]) != (row["name"], row["seed"])]
+        result["rows"].append(row)
+        result["rows"].sort(key=lambda r: (list(GRID).index(r["name"]), r["seed"]))
+        save(result, path)
+    return result
 
 
 def run_one(name, seed, a):
@@ -208,9 +223,7 @@ def main(argv=None):
         for name in a.only.split(","):
             if (name, seed) in done:
                 continue
-            result["rows"].append(run_one(name, seed, a))
-            result["rows"].sort(key=lambda r: (list(GRID).index(r["name"]), r["seed"]))
-            save(result, path)
+            result = add_row(run_one(name, seed, a), path)
             print(f"wrote {path} ({len(result['rows'])} rows)", flush=True)
     png = figure(result["rows"], os.path.join(a.out, "laptop.png"))
     print(table(result["rows"]))

@@ -38,13 +38,16 @@ class Args(common.Args):
     SGD recipe as SimSiam, so the optimizer defaults are SimSiam's."""
     PRESETS: ClassVar[dict] = {"laptop": common.LAPTOP, "paper": PAPER}
     batch_size: int = arg(1024, "images per step (embedding-norms paper); --accum splits it into micro-batches")
-    lr: float = arg(0.05, "base lr per 256 images (embedding-norms paper, as SimSiam); peak lr = lr * batch_size / 256")
-    wd: float = arg(5e-4, "weight decay (embedding-norms paper, as SimSiam)")
+    lr: float = arg(0.05, "base lr per 256 images (embedding-norms paper, as SimSiam); peak lr = lr * batch_size / 256",
+                         positive=True)
+    wd: float = arg(5e-4, "weight decay (embedding-norms paper, as SimSiam)", low=0)
     nesterov: bool = arg(True, "Nesterov momentum for SGD (embedding-norms paper)")
     tau_base: float = arg(0.99, "EMA rate at the start; rises to 1 on a cosine (BYOL paper, Sec. 3.3; "
-                                "0.99 as in the norms paper, BYOL's ImageNet runs use 0.996)")
-    hidden_dim: int = arg(4096, "hidden width of the projector and predictor MLPs (BYOL paper, Sec. 3.3)")
-    proj_dim: int = arg(256, "output dimension of the projector and predictor (BYOL paper, Sec. 3.3)")
+                                "0.99 as in the norms paper, BYOL's ImageNet runs use 0.996)", low=0, high=1)
+    hidden_dim: int = arg(4096, "hidden width of the projector and predictor MLPs (BYOL paper, Sec. 3.3)",
+                          positive=True)
+    proj_dim: int = arg(256, "output dimension of the projector and predictor (BYOL paper, Sec. 3.3)",
+                        positive=True)
 
 
 # ----------------------------------------------------------------------------- model

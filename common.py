@@ -80,9 +80,11 @@ def interrupted_status():
 
 # ----------------------------------------------------------------------------- arguments
 
-def arg(default, help, choices=None):
-    """A dataclass field whose help text becomes the --help line of its flag."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def arg(default, help, choices=None, positive=False, low=None, high=None):
+    """A dataclass field whose help text becomes the --help line of its flag. positive, or
+    low and high (inclusive), are the values validate() accepts."""
+    return field(default=default, metadata={"help": help, "choices": choices, "positive": positive,
+                                            "low": low, "high": high})
 
 
 DATASETS = ("cifar10", "cifar100", "cifar10-lt", "cifar100-lt", "fashionmnist", "fashionmnist-lt",
@@ -108,31 +110,31 @@ class Args:
     dataset: str = arg("cifar10", "training data", DATASETS)
     data_dir: str = arg("data", "where the dataset lives (or is downloaded to)")
     download: bool = arg(False, "download the dataset with torchvision if it is missing (needs internet)")
-    subset: int = arg(0, "use only the first N train and N test images (0: all); for quick checks")
+    subset: int = arg(0, "use only the first N train and N test images (0: all); for quick checks", low=0)
     exclude_classes: str = arg("", "comma-separated classes to train without, e.g. 5,6,7,8,9: their images leave "
                                    "both splits (k-NN included), and eval_knn.py's novelty analysis compares "
                                    "their test images, never seen, with the rest (paper Fig. 3)")
     arch: str = arg("resnet18", "backbone", ("resnet18", "resnet50", "vit_tiny", "vit_small"))
-    epochs: int = arg(512, "training epochs (the embedding-norms paper trains 512)")
+    epochs: int = arg(512, "training epochs (the embedding-norms paper trains 512)", low=0)
     batch_size: int = arg(512, "images per step (each gives two views)")
-    accum: int = arg(1, "split each batch into this many accumulated micro-batches")
+    accum: int = arg(1, "split each batch into this many accumulated micro-batches", positive=True)
     optimizer: str = arg("sgd", "optimizer", ("sgd", "adam", "adamw"))
-    lr: float = arg(0.3, "base learning rate per 256 images; the peak lr is lr * batch_size / 256")
-    wd: float = arg(1e-6, "weight decay")
-    momentum: float = arg(0.9, "SGD momentum")
-    warmup: int = arg(10, "epochs of linear lr warmup before the cosine decay")
+    lr: float = arg(0.3, "base learning rate per 256 images; the peak lr is lr * batch_size / 256", positive=True)
+    wd: float = arg(1e-6, "weight decay", low=0)
+    momentum: float = arg(0.9, "SGD momentum", low=0, high=1)
+    warmup: int = arg(10, "epochs of linear lr warmup before the cosine decay", low=0)
     cut: float = arg(1.0, "cut-initialization constant c: every initial weight is divided by c (1: off)")
     width: int = arg(64, "ResNet-18's base channels; 64 is torchvision's network, fewer builds the same layout "
-                         "narrower (the laptop preset uses 16)")
+                         "narrower (the laptop preset uses 16)", positive=True)
     zero_init_residual: bool = arg(True, "ResNets: start each residual block's last BN weight at 0, so every block "
                                          "begins as the identity (official SimSiam, MoCo v3 and the norms paper's code)")
     power: float = arg(0.0, "GradScale power p: scale each embedding's gradient by ||z||^p (0: off); "
                         "p != 0 also sets --warmup 100 and --lr to a sixth of its default, each unless typed "
                         "(the paper's GradScale schedule)")
     opposite_cos: float = arg(0.0, "log the fraction of positive pairs whose cosine is below this as opposite_rate "
-                                   "(opposite half-spaces at 0; norms paper, App. C.2, Table S1)")
-    knn_every: int = arg(10, "evaluate k-NN top-1 every N epochs (and after the last); 0: only at the end")
-    save_every: int = arg(50, "keep a copy of the checkpoint as epoch<N>.pt every N epochs (0: never)")
+                                   "(opposite half-spaces at 0; norms paper, App. C.2, Table S1)", low=-1, high=1)
+    knn_every: int = arg(10, "evaluate k-NN top-1 every N epochs (and after the last); 0: only at the end", low=0)
+    save_every: int = arg(50, "keep a copy of the checkpoint as epoch<N>.pt every N epochs (0: never)", low=0)
     seed: int = arg(0, "random seed (data order, augmentations, initialization)")
     out: str = arg("", "run folder (default: runs/<method>-<dataset>-<timestamp>)")
     resume: str = arg("", "continue a run from its checkpoint: a path to last.pt, or 'auto' with --out")
@@ -188,6 +190,7 @@ def parse_args(cls, doc, argv=None, resolve=None):
             notes.append(f"--preset {args.preset}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
                          + " (type a flag to override it)")
     if resolve:
+        args.given = given  # a typed value is never taken for "unset"
         args = resolve(args)
     problem = validate(args)
     if problem:
@@ -203,37 +206,25 @@ def validate(args):
     bad = [n for n in floats if not math.isfinite(getattr(args, n))]
     if bad:
         return f"--{bad[0].replace('_', '-')} must be a finite number (got {getattr(args, bad[0])})"
-    checks = [
+    for f in dataclasses.fields(args):  # the ranges declared with each flag (arg's positive, low, high)
+        v, meta, flag = getattr(args, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if meta.get("positive") and not v > 0:
+            return f"{flag} must be positive (got {v})"
+        low, high = meta.get("low"), meta.get("high")
+        if low is not None and high is not None and not low <= v <= high:
+            return f"{flag} must be in [{low}, {high}] (got {v})"
+        if low is not None and high is None and not v >= low:
+            return f"{flag} must be >= {low} (got {v})"
+    checks = [  # what one flag's range cannot say
         (args.cut > 0, f"--cut must be positive (got {args.cut}); use 1 to turn cut-initialization off"),
-        (args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs})"),
         (args.batch_size >= 2, f"--batch-size must be at least 2, one positive pair and a batch to normalize "
                                f"(got {args.batch_size})"),
-        (args.accum > 0 and args.batch_size % args.accum == 0,
+        (args.batch_size % args.accum == 0,
          f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}"),
-        (args.lr > 0, f"--lr must be positive (got {args.lr})"),
-        (args.wd >= 0, f"--wd must be >= 0 (got {args.wd})"),
-        (0 <= args.momentum <= 1, f"--momentum must be in [0, 1] (got {args.momentum})"),
-        (args.warmup >= 0, f"--warmup must be >= 0 (got {args.warmup})"),
-        (args.subset >= 0, f"--subset must be >= 0 (got {args.subset})"),
-        (args.width > 0, f"--width must be positive (got {args.width})"),
         (0 <= args.seed < 2 ** 31, f"--seed must be in [0, 2^31) (got {args.seed})"),
-        (-1 <= args.opposite_cos <= 1, f"--opposite-cos must be in [-1, 1] (got {args.opposite_cos})"),
-        (args.knn_every >= 0 and args.save_every >= 0, "--knn-every and --save-every must be >= 0"),
         (parse_classes(args.exclude_classes) is not None,
          f"--exclude-classes {args.exclude_classes!r} must be class numbers separated by commas, such as 5,6,7"),
     ]
-    # Flags that only some methods have.
-    for name in ("temperature",):
-        if hasattr(args, name):
-            checks.append((getattr(args, name) > 0, f"--{name} must be positive (got {getattr(args, name)})"))
-    for name in ("tau_base", "m"):
-        if hasattr(args, name):
-            checks.append((0 <= getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in [0, 1] "
-                                                           f"(got {getattr(args, name)})"))
-    for name in ("proj_dim", "pred_dim", "hidden_dim", "mlp_dim", "queue", "bn_splits"):
-        if hasattr(args, name):
-            checks.append((getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive "
-                                                    f"(got {getattr(args, name)})"))
     for ok, message in checks:
         if not ok:
             return message

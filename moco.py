@@ -49,22 +49,24 @@ class Args(common.Args):
     optimizer: str = arg("", "optimizer; default by --version: v2 sgd, v3 adamw (MoCo v3 paper)",
                          common.Args.__dataclass_fields__["optimizer"].metadata["choices"])
     lr: float = arg(0.0, "base lr per 256 images; default by --version: v2 0.03 (MoCo v2 code), "
-                         "v3 1.5e-4 (MoCo v3 paper, ViT)")
+                         "v3 1.5e-4 (MoCo v3 paper, ViT)", positive=True)
     wd: float = arg(-1.0, "weight decay; default by --version: v2 5e-4 (MoCo's CIFAR-10 demo; the MoCo v2 paper "
-                          "uses 1e-4 on ImageNet), v3 0.1 (MoCo v3 paper, ViT)")
-    warmup: int = arg(-1, "epochs of linear lr warmup; default by --version: v2 0 (plain cosine), v3 40 (MoCo v3 paper)")
-    temperature: float = arg(0.2, "InfoNCE temperature tau (MoCo v2 paper; MoCo v3 paper, ViT)")
+                          "uses 1e-4 on ImageNet), v3 0.1 (MoCo v3 paper, ViT)", low=0)
+    warmup: int = arg(-1, "epochs of linear lr warmup; default by --version: v2 0 (plain cosine), "
+                          "v3 40 (MoCo v3 paper)", low=0)
+    temperature: float = arg(0.2, "InfoNCE temperature tau (MoCo v2 paper; MoCo v3 paper, ViT)",
+                             positive=True)
     proj_dim: int = arg(0, "projector output dimension, the size of q and k; default by --version: v2 128 "
-                           "(MoCo v2 paper), v3 256 (MoCo v3 paper)")
+                           "(MoCo v2 paper), v3 256 (MoCo v3 paper)", positive=True)
     mlp_dim: int = arg(4096, "v3 only: hidden width of projector and predictor (MoCo v3 paper); "
-                       "v2's hidden width is the backbone's feature width, as in the MoCo v2 code")
+                       "v2's hidden width is the backbone's feature width, as in the MoCo v2 code", positive=True)
     m: float = arg(-1.0, "key-encoder momentum m in k <- m k + (1 - m) q; default by --version and dataset: v2 0.999 "
                    "on imagenet100 (MoCo v2 paper), else 0.99 (MoCo's CIFAR-10 demo); v3 0.99 at the start, raised "
-                   "to 1 by a half cosine (MoCo v3 paper and code)")
+                   "to 1 by a half cosine (MoCo v3 paper and code)", low=0, high=1)
     queue: int = arg(0, "v2: queue size K, the number of negatives; default by dataset: 65536 on imagenet100 "
-                     "(MoCo v2 paper), else 4096 (MoCo's CIFAR-10 demo)")
+                     "(MoCo v2 paper), else 4096 (MoCo's CIFAR-10 demo)", positive=True)
     bn_splits: int = arg(8, "v2, ResNet: BN statistics over this many sub-batches, keys shuffled across them "
-                         "(shuffle-BN of 8 GPUs, MoCo paper Sec. 3.3); 1 turns it off")
+                         "(shuffle-BN of 8 GPUs, MoCo paper Sec. 3.3); 1 turns it off", positive=True)
 
 
 # The per-version defaults, in one place: MoCo v2 paper and code (with its CIFAR-10 demo
@@ -77,12 +79,14 @@ UNSET = {"arch": "", "optimizer": "", "lr": 0.0, "wd": -1.0, "warmup": -1, "proj
 
 
 def resolve(args):
-    """Fill every flag left at "by --version" from DEFAULTS. ImageNet-100 counts as
-    ImageNet-scale for v2's momentum and queue."""
+    """Fill every flag left at "by --version" from DEFAULTS (a typed flag is kept, even if
+    it equals the "unset" value, so --wd -1 is refused rather than replaced). ImageNet-100
+    counts as ImageNet-scale for v2's momentum and queue."""
     defaults = dict(DEFAULTS[args.version])
     if args.version == "v2" and args.dataset == "imagenet100":
         defaults.update(m=0.999, queue=65536)
-    filled = {k: v for k, v in defaults.items() if getattr(args, k) == UNSET[k]}
+    typed = getattr(args, "given", set())
+    filled = {k: v for k, v in defaults.items() if getattr(args, k) == UNSET[k] and k not in typed}
     resolved = dataclasses.replace(args, **filled)
     if hasattr(args, "given"):
         resolved.given = args.given

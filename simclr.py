@@ -32,10 +32,10 @@ PAPER = dict(arch="resnet50", batch_size=256, accum=1, epochs=512, warmup=10, lr
 class Args(common.Args):
     """SimCLR flags; defaults follow the embedding-norms paper's SimCLR setting."""
     PRESETS: ClassVar[dict] = {"laptop": common.LAPTOP, "paper": PAPER}
-    lr: float = arg(0.3, "base lr per 256 images (0.6 at batch 512), SGD momentum 0.9")
-    wd: float = arg(1e-6, "weight decay (SimCLR paper's 1e-6; the norms paper also sweeps 5e-4)")
-    temperature: float = arg(0.5, "InfoNCE temperature tau (SimCLR paper, CIFAR-10 setting)")
-    proj_dim: int = arg(128, "projector output dimension (SimCLR paper)")
+    lr: float = arg(0.3, "base lr per 256 images (0.6 at batch 512), SGD momentum 0.9", positive=True)
+    wd: float = arg(1e-6, "weight decay (SimCLR paper's 1e-6; the norms paper also sweeps 5e-4)", low=0)
+    temperature: float = arg(0.5, "InfoNCE temperature tau (SimCLR paper, CIFAR-10 setting)", positive=True)
+    proj_dim: int = arg(128, "projector output dimension (SimCLR paper)", positive=True)
 
 
 # ----------------------------------------------------------------------------- model

@@ -34,11 +34,12 @@ class Args(common.Args):
     """SimSiam flags; defaults follow the embedding-norms paper's SimSiam setting."""
     PRESETS: ClassVar[dict] = {"laptop": common.LAPTOP, "paper": PAPER}
     batch_size: int = arg(1024, "images per step (embedding-norms paper); --accum splits it into micro-batches")
-    lr: float = arg(0.05, "base lr per 256 images (SimSiam paper, Sec. 4; 0.2 at batch 1024 in the norms paper)")
-    wd: float = arg(5e-4, "weight decay (SimSiam paper's CIFAR setting, App. D; embedding-norms paper)")
+    lr: float = arg(0.05, "base lr per 256 images (SimSiam paper, Sec. 4; 0.2 at batch 1024 in the norms paper)",
+                         positive=True)
+    wd: float = arg(5e-4, "weight decay (SimSiam paper's CIFAR setting, App. D; embedding-norms paper)", low=0)
     nesterov: bool = arg(True, "Nesterov momentum for SGD (embedding-norms paper)")
-    proj_dim: int = arg(2048, "projector hidden and output dimension d (SimSiam paper, Sec. 4)")
-    pred_dim: int = arg(512, "predictor bottleneck dimension (SimSiam paper, Sec. 4: d/4)")
+    proj_dim: int = arg(2048, "projector hidden and output dimension d (SimSiam paper, Sec. 4)", positive=True)
+    pred_dim: int = arg(512, "predictor bottleneck dimension (SimSiam paper, Sec. 4: d/4)", positive=True)
 
 
 # ----------------------------------------------------------------------------- model

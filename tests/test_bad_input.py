@@ -553,6 +553,29 @@ def test_method_flags_are_refused(tmp_path, capsys, script, argv, says):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("script", ["simclr", "simsiam", "byol", "moco"])
+def test_every_declared_range_is_enforced(capsys, script):
+    """Each flag declared positive, or with low/high, is refused just outside its range,
+    with a sentence naming it: a new flag gets its check by declaring its range."""
+    import importlib
+    module = importlib.import_module(script)
+    ranged = [f for f in dataclasses.fields(module.Args) if f.metadata.get("positive") or
+              f.metadata.get("low") is not None]
+    assert len(ranged) >= 10
+    shared = {f.name for f in dataclasses.fields(common.Args)
+              if f.metadata["positive"] or f.metadata["low"] is not None}
+    assert shared <= {f.name for f in ranged}, "a method's own help for a shared flag must keep the flag's range"
+    for f in ranged:
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        bad = [-1 if meta["positive"] else meta["low"] - 1] + ([meta["high"] + 1] if meta["high"] is not None else [])
+        for value in bad:
+            with pytest.raises(SystemExit) as e:
+                common.parse_args(module.Args, module.__doc__, [flag, str(type(f.default)(value))],
+                                  getattr(module, "resolve", None))
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and f"{flag} must be" in err and f"(got {type(f.default)(value)})" in err, err
+
+
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
     """One finished epoch of SimCLR on the synthetic data, made once for this file."""

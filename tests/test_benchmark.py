@@ -199,3 +199,20 @@ def test_laptop_grid_writes_rows_as_it_goes_and_resumes(tmp_path):
     again = laptop.main(argv)  # nothing left to do: no run is repeated, the rows stay
     assert again["rows"] == rows
     assert "| simclr-unseen | `--exclude-classes 8,9` | 1 |" in laptop.table(rows)
+
+
+def test_cpu_profile_reports_the_augmentation_share(tmp_path):
+    """benchmarks/profile_cpu.py on a generated Fashion-MNIST: a share strictly between 0
+    and 1 (both labels were recorded, the augmentation inside the step) and a finite speed."""
+    from test_data import write_fashion
+    write_fashion(str(tmp_path), n=64)
+    spec = importlib.util.spec_from_file_location("profile_cpu", os.path.join(ROOT, "benchmarks", "profile_cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        out = module.main(["--method", "simclr", "--data-dir", str(tmp_path), "--subset", "64", "--batch-size", "16",
+                           "--width", "4", "--steps", "1", "--untimed", "1", "--threads", "1", "--extra", "--proj-dim 8"])
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < out["augment_share"] < 1 and math.isfinite(out["images_per_second"]) and out["images_per_second"] > 0

@@ -200,7 +200,7 @@ def figure(rows, path):
     right.set_xlabel("epoch")
     right.set_ylabel("mean embedding norm at the loss (log scale)")
     right.set_yscale("log")  # one run's norm can be ten times the others'; a log axis keeps every curve readable
-    right.set_title("The norm grows during training (Cor. 3.3)")
+    right.set_title("Mean embedding norm per epoch, every run (Cor. 3.3: steps grow it)")
     right.xaxis.get_major_locator().set_params(integer=True)
     right.legend(fontsize=7)
     fig.tight_layout()

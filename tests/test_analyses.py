@@ -295,7 +295,7 @@ def test_cli_without_checkpoint_or_with_unknown_analysis(tmp_path):
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("analyses") / "simclr"
     r = run_script("simclr.py", "--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--epochs", "1",
-                   "--device", "cpu", "--out", str(out))
+                   "--width", "16", "--device", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return out
 
@@ -386,7 +386,7 @@ def test_a_run_trained_without_some_classes(tmp_path):
     other classes and adds class 3's test images to novelty as the set 'unseen classes'."""
     out, js = tmp_path / "run", tmp_path / "r.json"
     r = run_script("simclr.py", "--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--epochs", "1",
-                   "--exclude-classes", "3", "--device", "cpu", "--out", str(out))
+                   "--width", "16", "--exclude-classes", "3", "--device", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "step=3 " in r.stdout  # 48 training images of classes 0-2, batch 16
     r = run_script("eval_knn.py", str(out / "last.pt"), "--analyses", "novelty,buckets", "--json", str(js),

@@ -134,7 +134,7 @@ def run(*cmd, cwd=ROOT):
 def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
     out = tmp_path / "run"
     r = run("byol.py", "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1",
-            "--hidden-dim", "64", "--proj-dim", "32", "--cut", "3", "--out", str(out), "--device", "cpu")
+            "--width", "16", "--hidden-dim", "64", "--proj-dim", "32", "--cut", "3", "--out", str(out), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):

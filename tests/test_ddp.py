@@ -48,7 +48,7 @@ def test_two_processes_take_the_same_steps_as_one(method, tmp_path):
 def test_every_script_trains_under_torchrun(script, tmp_path):
     out = tmp_path / "run"
     r = run_script(*TORCHRUN, *script, "--dataset", "synthetic", "--subset", "32", "--batch-size", "16",
-                   "--epochs", "1", "--device", "cpu", "--out", str(out), threads=ONE)
+                   "--width", "16", "--epochs", "1", "--device", "cpu", "--out", str(out), threads=ONE)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["args.json", "last.pt", "metrics.jsonl"]  # rank 0 alone writes
     lines = open(out / "metrics.jsonl").read().splitlines()

@@ -16,7 +16,8 @@ import common
 import eval_knn
 import moco
 
-TINY = ["--dataset", "synthetic", "--subset", "16", "--batch-size", "16", "--epochs", "1", "--device", "cpu"]
+TINY = ["--dataset", "synthetic", "--subset", "16", "--batch-size", "16", "--epochs", "1", "--device", "cpu",
+        "--width", "16"]  # a narrow ResNet for v2; the ViT of v3 has no width flag of its own
 
 
 def small_args(version="v2", **kw):

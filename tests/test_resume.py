@@ -14,7 +14,7 @@ import eval_knn
 import simclr
 from conftest import ROOT, run_script
 
-TINY = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--device", "cpu",
+TINY = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--device", "cpu", "--width", "16",
         "--knn-every", "2", "--save-every", "0"]
 # Each method with the extra flags that keep it tiny on a CPU.
 # Small heads: the papers' 2048- and 4096-wide MLPs would make these CPU tests slow.
@@ -36,9 +36,10 @@ def metrics(folder):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(folder / "metrics.jsonl")]
 
 
-def kill_after_epoch(argv, folder, epoch, timeout=600):
+def kill_after_epoch(argv, folder, epoch, timeout=600, env=None):
     """Start a run and SIGKILL it as soon as last.pt holds `epoch`."""
-    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -59,11 +60,15 @@ def test_kill_and_resume_is_bitwise_identical(name, tmp_path):
         pytest.skip(f"{METHODS[name][0]} not present")
     script = METHODS[name]
     whole, part = tmp_path / "whole", tmp_path / "part"
-    r = run_script(*script, *TINY, "--epochs", "3", "--out", str(whole))
-    assert r.returncode == 0, r.stderr
-    killed_at = kill_after_epoch([*script, *TINY, "--epochs", "3", "--out", str(part)], part, 1)
+    # One thread in all three runs, so that their sums run in the same order; the
+    # uninterrupted run goes alongside the one that is killed, on the other core.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    uninterrupted = subprocess.Popen([sys.executable, *script, *TINY, "--epochs", "3", "--out", str(whole)], cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    killed_at = kill_after_epoch([*script, *TINY, "--epochs", "3", "--out", str(part)], part, 1, env=env)
+    assert uninterrupted.wait() == 0, uninterrupted.stderr.read().decode()
     assert killed_at < 3, "the run finished before the kill; the test proves nothing"
-    r = run_script(*script, "--resume", str(part / "last.pt"))
+    r = run_script(*script, "--resume", str(part / "last.pt"), threads=1)
     assert r.returncode == 0, r.stderr
     a, b = common.load_checkpoint(str(whole / "last.pt")), common.load_checkpoint(str(part / "last.pt"))
     assert a["epoch"] == b["epoch"] == 3

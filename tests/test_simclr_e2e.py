@@ -10,7 +10,7 @@ from conftest import run_script
 import common
 
 FASHION = "/usr/share/datasets/fashion-mnist"
-TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--device", "cpu"]
+TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--device", "cpu", "--width", "16"]
 
 
 @pytest.fixture(scope="module")

@@ -168,13 +168,13 @@ def test_gpu_check_runs_its_whole_cpu_fallback_path(tmp_path):
     out = tmp_path / "check"
     r = run_script("benchmarks/gpu_check.py", "--out", str(out), "--data-dir", str(tmp_path / "fashion"),
                    "--device", "cpu", "--epochs", "1", "--extra", "--batch-size 32 --width 8 --proj-dim 16",
-                   "--runs", "simclr-c3,simsiam-c1",  # the same path as all four, in half the time
+                   "--runs", "simclr-c3",  # the same path as all four, in a quarter of the time
                    "--throughput", "--device cpu --images 32 --batch-size 16 --size 16 --steps 1 --warmup-steps 0 "
                                    "--workers 0 --knn-bank 32 --knn-queries 16 --methods simclr --skip-pil")
     assert r.returncode == 0, r.stderr
     result = json.load(open(out / "gpu_check.json"))
     assert result["cuda"] is False and "simclr" in result["throughput"]["methods"]
-    assert sorted(result["runs"]) == ["simclr-c3", "simsiam-c1"]
+    assert sorted(result["runs"]) == ["simclr-c3"]
     for run in result["runs"].values():
         assert 0 <= run["knn_top1"] <= 100 and run["emb_norm"] > 0 and run["seconds_per_epoch"] > 0
         assert "--dataset fashionmnist" in run["command"]

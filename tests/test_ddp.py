@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # Two processes on two cores: one thread each, or they fight over the cores.
@@ -14,10 +14,16 @@ ONE = 1
 
 
 def one_and_two(method, tmp_path):
+    """The worker's result in one process and under torchrun; the single process runs
+    alongside the two (the comparison allows float noise, so the thread count may differ)."""
+    import subprocess
+    import sys
     single, double = tmp_path / "one.pt", tmp_path / "two.pt"
-    r = run_script("tests/ddp_worker.py", method, str(single))
-    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = subprocess.Popen([sys.executable, "tests/ddp_worker.py", method, str(single)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     r = run_script(*TORCHRUN, "tests/ddp_worker.py", method, str(double), threads=ONE)
+    assert alone.wait() == 0, alone.stderr.read().decode()
     assert r.returncode == 0, r.stderr
     return torch.load(single, weights_only=True), torch.load(double, weights_only=True)
 

@@ -24,6 +24,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # common.py, for reading the runs' metrics
 RUNS = {"simclr-c1": ["simclr.py"], "simclr-c3": ["simclr.py", "--cut", "3"],
         "simsiam-c1": ["simsiam.py"], "simsiam-c3": ["simsiam.py", "--cut", "3"]}
 
@@ -88,7 +89,8 @@ def main(argv=None):
         resume = ["--resume", "auto"] if os.path.isdir(folder) else []  # continue an interrupted run
         t0 = time.time()
         subprocess.run([sys.executable, *flags, *resume], cwd=ROOT, check=True)
-        lines = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        import common  # here, not at the top: the .deb unpacking needs no torch
+        lines, _ = common.read_jsonl(os.path.join(folder, "metrics.jsonl"))
         result["runs"][name] = {
             "command": "python " + shlex.join(flags), "knn_top1": lines[-1]["knn_top1"],
             "knn_per_epoch": {line["epoch"]: line["knn_top1"] for line in lines if "knn_top1" in line},

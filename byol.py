@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+import safety
 from common import arg
 from gradscale import gradscale
 
@@ -136,10 +137,9 @@ def compute_loss(model, x1, x2, args):
 # ----------------------------------------------------------------------------- training
 
 def make_views(run):
-    """BYOL's asymmetric views (App. B, Table 6): blur always in view 1, rarely in view 2
-    (Augment skips blur below 64 px, as the CIFAR recipes do); solarize only in view 2.
-    The crop keeps the CIFAR scale (0.2, 1) of SimSiam and the norms paper: BYOL's 0.08 is
-    an ImageNet setting and leaves ~9 px of a 32 px image."""
+    """BYOL's asymmetric views (App. B, Table 6): blur always in view 1, rarely in view 2 (Augment skips
+    blur below 64 px, as the CIFAR recipes do), solarize only in view 2; crops from 0.2, the CIFAR
+    scale of SimSiam and the norms paper (BYOL's ImageNet 0.08 leaves ~9 px of a 32 px image)."""
     jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (BYOL App. B)
     return (run.augment(jitter=jitter, jitter_p=0.8, grey_p=0.2, blur_p=1.0, solarize_p=0.0),
             run.augment(jitter=jitter, jitter_p=0.8, grey_p=0.2, blur_p=0.1, solarize_p=0.2))
@@ -157,10 +157,11 @@ def train_step(model, optimizer, batches, views, run, step):
         x1, x2 = views[0](x), views[1](x)  # two augmented views (b, 3, H, W), made on the device
         with run.autocast():
             loss, stats = compute_loss(model, x1, x2, run.args)
-        (loss / len(batches)).backward()  # micro-batch gradients add up to the batch's
-        run.meter.add(loss, {**stats, "tau": torch.tensor(tau)}, len(batches))
+        run.scaler.scale(loss / len(batches)).backward()  # micro-batch gradients add up to the batch's
+        run.meter.add(loss, {**stats, "tau": torch.tensor(tau, device=loss.device)}, len(batches))
     common.average_gradients(model.parameters())  # over torchrun's ranks; no-op in one process
-    optimizer.step()
+    run.scaler.step(optimizer)  # optimizer.step(), unless --precision fp16 overflowed
+    run.scaler.update()
 
 
 def main(argv=None):
@@ -175,10 +176,10 @@ def main(argv=None):
         model.train()
         for step, batches in run.batches(epoch):
             train_step(model, optimizer, batches, views, run, step)
-            run.meter.end_step(step)  # checks the previous step's loss, without waiting for this one
+            run.meter.end_step(step)  # reads the loss back every common.CHECK_EVERY steps
         common.end_epoch(run, model, optimizer, epoch)
     return common.finish(run, model)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    safety.cli(main)

@@ -10,6 +10,7 @@ directions, the embedding norm ||z|| grows during training and slows it down; --
     python simclr.py --dataset cifar10 --cut 3
     python simclr.py --dataset fashionmnist --data-dir /usr/share/datasets/fashion-mnist --epochs 50 --cut 3
 """
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+import safety
 from common import arg
 from gradscale import gradscale
 
@@ -61,12 +63,10 @@ def build_model(args, img_size):
 # ----------------------------------------------------------------------------- loss
 
 def info_nce(z1, z2, temperature):
-    """NT-Xent over 2B views: for each view the other view of its image is the positive,
-    the remaining 2B - 2 views are negatives. z1, z2: (b, D), not yet normalized.
-
-    Under torchrun, b = B / world is this rank's share: its 2b views are anchors, and the
-    candidates are the views of the whole global batch, gathered *with* gradient (the
-    gather's backward sums over ranks), as in the SimCLR paper's global negatives."""
+    """NT-Xent over 2B views: for each view the other view of its image is the positive, the other
+    2B - 2 views are negatives. z1, z2: (b, D), not yet normalized. Under torchrun b = B / world:
+    this rank's 2b views are the anchors, and the candidates are the whole global batch, gathered
+    *with* gradient (its backward sums over ranks), as in the SimCLR paper's global negatives."""
     b = z1.shape[0]
     rank = common.world()[0]
     # float32 even under bf16 autocast: bf16 keeps 3 significant digits of a cosine, and at
@@ -100,6 +100,15 @@ def compute_loss(model, x1, x2, args):
 
 # ----------------------------------------------------------------------------- training
 
+def make_views(run):
+    """SimCLR's one recipe for both views. Colour jitter of strength s is 0.8s/0.8s/0.8s/0.2s (brightness,
+    contrast, saturation, hue; SimCLR paper, App. A): s = 0.5, its CIFAR setting, at 64 px or less, and
+    s = 1, its ImageNet setting, above."""
+    s = 0.5 if run.data.size <= 64 else 1.0
+    view = run.augment(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))
+    return view, view
+
+
 def train_step(model, optimizer, batches, views, run, step):
     """One optimizer step on this rank's --accum micro-batches of uint8 images."""
     common.set_lr(optimizer, run.lr_at(step))
@@ -108,10 +117,12 @@ def train_step(model, optimizer, batches, views, run, step):
         x1, x2 = views[0](x), views[1](x)  # two augmented views (b, 3, H, W), made on the device
         with run.autocast():
             loss, stats = compute_loss(model, x1, x2, run.args)
-        (loss / len(batches)).backward()  # micro-batch gradients add up to the batch's
+        # Each micro-batch is its own contrastive batch, with fewer negatives (main warns).
+        run.scaler.scale(loss / len(batches)).backward()
         run.meter.add(loss, stats, len(batches))
     common.average_gradients(model.parameters())  # over torchrun's ranks; no-op in one process
-    optimizer.step()
+    run.scaler.step(optimizer)  # optimizer.step(), unless --precision fp16 overflowed
+    run.scaler.update()
 
 
 def main(argv=None):
@@ -119,15 +130,20 @@ def main(argv=None):
     run = common.start("simclr", args)
     model = common.prepare(build_model(run.args, run.data.size), run)
     optimizer = common.make_optimizer(run.args, model.parameters(), run.device)
-    view = run.augment()  # SimCLR uses one recipe for both views
+    if run.args.accum > 1 and run.rank == 0:  # the lr rule assumes one contrastive batch of --batch-size
+        b = run.args.batch_size // run.args.accum
+        print(f"warning: with --accum {run.args.accum} each micro-batch of {b} images is its own contrastive batch, "
+              f"with {2 * b - 2} negatives per view instead of {2 * run.args.batch_size - 2}, while the lr is scaled "
+              "for the full batch; lower --accum if memory allows", file=sys.stderr)
+    views = make_views(run)
     for epoch in range(run.restore(model, optimizer), run.args.epochs):
         model.train()
         for step, batches in run.batches(epoch):
-            train_step(model, optimizer, batches, (view, view), run, step)
-            run.meter.end_step(step)  # checks the previous step's loss, without waiting for this one
+            train_step(model, optimizer, batches, views, run, step)
+            run.meter.end_step(step)  # reads the loss back every common.CHECK_EVERY steps
         common.end_epoch(run, model, optimizer, epoch)
     return common.finish(run, model)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    safety.cli(main)

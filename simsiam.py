@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+import safety
 from common import arg
 from gradscale import gradscale
 
@@ -38,6 +39,8 @@ class Args(common.Args):
                          positive=True)
     wd: float = arg(5e-4, "weight decay (SimSiam paper's CIFAR setting, App. D; embedding-norms paper)", low=0)
     nesterov: bool = arg(True, "Nesterov momentum for SGD (embedding-norms paper)")
+    fix_pred_lr: bool = arg(True, "keep the predictor at the peak lr while the rest follows the schedule "
+                                  "(SimSiam paper, Sec. 4.2 and Table 1)")
     proj_dim: int = arg(2048, "projector hidden and output dimension d (SimSiam paper, Sec. 4)", positive=True)
     pred_dim: int = arg(512, "predictor bottleneck dimension (SimSiam paper, Sec. 4: d/4)", positive=True)
 
@@ -106,16 +109,18 @@ def train_step(model, optimizer, batches, views, run, step):
     """One optimizer step on this rank's --accum micro-batches of uint8 images."""
     # "fix-pred-lr": only group 0 (backbone, projector) follows warmup and cosine; the
     # predictor (group 1) keeps the peak lr (SimSiam paper, Sec. 4.2 and Table 1).
-    optimizer.param_groups[0]["lr"] = run.lr_at(step)
+    for group in optimizer.param_groups[: 1 if run.args.fix_pred_lr else 2]:
+        group["lr"] = run.lr_at(step)
     optimizer.zero_grad(set_to_none=True)
     for x in batches:
         x1, x2 = views[0](x), views[1](x)  # two augmented views (b, 3, H, W), made on the device
         with run.autocast():
             loss, stats = compute_loss(model, x1, x2, run.args)
-        (loss / len(batches)).backward()  # micro-batch gradients add up to the batch's
+        run.scaler.scale(loss / len(batches)).backward()  # micro-batch gradients add up to the batch's
         run.meter.add(loss, stats, len(batches))
     common.average_gradients(model.parameters())  # over torchrun's ranks; no-op in one process
-    optimizer.step()
+    run.scaler.step(optimizer)  # optimizer.step(), unless --precision fp16 overflowed
+    run.scaler.update()
 
 
 def main(argv=None):
@@ -130,10 +135,10 @@ def main(argv=None):
         model.train()
         for step, batches in run.batches(epoch):
             train_step(model, optimizer, batches, (view, view), run, step)
-            run.meter.end_step(step)  # checks the previous step's loss, without waiting for this one
+            run.meter.end_step(step)  # reads the loss back every common.CHECK_EVERY steps
         common.end_epoch(run, model, optimizer, epoch)
     return common.finish(run, model)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    safety.cli(main)

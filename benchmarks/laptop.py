@@ -112,8 +112,8 @@ def run_one(name, seed, a):
     subprocess.run([sys.executable, "eval_knn.py", os.path.join(folder, "last.pt"), "--analyses",
                     "buckets,novelty", "--space", "loss", "--json", report], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL)
-    import common  # here, not at the top: --table needs no torch
-    lines, _ = common.read_jsonl(os.path.join(folder, "metrics.jsonl"))
+    import safety  # here, not at the top: --table needs no torch
+    lines, _ = safety.read_jsonl(os.path.join(folder, "metrics.jsonl"))
     analyses = json.load(open(report))["analyses"]
     unseen = analyses.get("novelty", {}).get("sets", {}).get("unseen classes", {})
     import torch
@@ -137,8 +137,8 @@ def backfill(rows, out):
     for row in rows:
         path = os.path.join(out, "laptop", f"{row['name']}-s{row['seed']}", "metrics.jsonl")
         if os.path.exists(path) and ("opposite_per_epoch" not in row or "train_minutes" not in row):
-            import common
-            lines, _ = common.read_jsonl(path)
+            import safety
+            lines, _ = safety.read_jsonl(path)
             row["opposite_per_epoch"] = [round(line["opposite_rate"], 4) for line in lines]
             row["train_minutes"] = round(sum(line["epoch_seconds"] for line in lines) / 60, 2)
 

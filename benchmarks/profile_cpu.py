@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import common  # noqa: E402
+import datasets  # noqa: E402
 
 
 def parse(argv=None):
@@ -45,9 +46,9 @@ def setup(a):
     module = importlib.import_module(a.method)
     args = common.parse_args(module.Args, module.__doc__, [
         "--preset", "laptop", "--width", str(a.width), "--batch-size", str(a.batch_size), "--data-dir", a.data_dir,
-        "--subset", str(a.subset), "--device", "cpu", *a.extra.split()], resolve=getattr(module, "resolve", None))
-    data = common.load_dataset(args.dataset, args.data_dir, False, args.subset)
-    run = common.Run(a.method, args, torch.device("cpu"), data, *common.channel_stats(data.train_x), folder="")
+        "--subset", str(a.subset), "--device", "cpu", *a.extra.split()], defaults=getattr(module, "defaults", None))
+    data = datasets.load_dataset(args.dataset, args.data_dir, False, args.subset)
+    run = common.Run(a.method, args, torch.device("cpu"), data, *datasets.channel_stats(data.train_x), folder="")
     model = module.build_model(args, data.size)
     if a.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -5,10 +5,10 @@ For each method the same GPU, batch size and image count are timed four ways:
 
     floor   the backbone alone: forward + backward of both views and an SGD step, on
             tensors made once (no data, no augmentation, no heads, no loss)
-    full    the method's real training step as its main() builds it: common.Augment
+    full    the method's real training step as its main() builds it: datasets.Augment
             makes both views from uint8 images on the device, then the method's
             train_step (forward, loss, backward, optimizer step, EMA or queue) and the
-            lagged loss check, as its main() loop runs them
+            periodic loss check, as its main() loop runs them
     PIL     the same step fed by torchvision PIL transforms in a DataLoader with one
             worker per CPU core (what most SSL code bases do)
     k-NN    common.embed of a bank and a query set, then common.knn_predict
@@ -42,8 +42,10 @@ import torchvision.transforms as T  # noqa: E402
 from torch import nn  # noqa: E402
 
 import common  # noqa: E402
+import datasets  # noqa: E402
+import safety  # noqa: E402
 
-# name -> module; "mocov3" is moco.py with --version v3 (its v3 defaults, moco.DEFAULTS).
+# name -> module; "mocov3" is moco.py with --version v3 (its v3 defaults, moco.defaults).
 METHODS = {"simclr": "simclr", "simsiam": "simsiam", "byol": "byol", "moco": "moco", "mocov3": "moco"}
 DEFAULT_METHODS = ("simclr", "simsiam", "byol", "moco")
 KNN_CLASSES = 10  # labels of the bank are random; only the vote's size matters for the time
@@ -175,7 +177,7 @@ def measure_floor(cfg, device):
     args = dataclasses.replace(common.Args(), batch_size=cfg.batch_size, arch=cfg.arch)  # SGD, momentum 0.9
     optimizer = common.make_optimizer(args, net.parameters(), device)
     x1, x2 = (torch.randn(cfg.batch_size, 3, cfg.size, cfg.size, device=device) for _ in range(2))
-    if device.type == "cuda":  # the layout common.Augment hands to the network
+    if device.type == "cuda":  # the layout datasets.Augment hands to the network
         x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
 
     def step():
@@ -210,11 +212,12 @@ def method_args(name, module, cfg):
     """The method's own defaults, with this benchmark's batch size and backbone; finished
     the way its main() finishes them."""
     args = module.Args(version="v3") if name == "mocov3" else module.Args()
+    if hasattr(module, "defaults"):  # moco.py's "by --version" defaults
+        args = dataclasses.replace(args, **module.defaults(args))
     args = dataclasses.replace(args, batch_size=cfg.batch_size, arch=cfg.arch)
-    if hasattr(module, "resolve"):  # moco.py fills its "by --version" defaults here
-        args = module.resolve(args)
-    if hasattr(module, "check"):  # and refuses e.g. a batch that --bn-splits does not divide
-        module.check(args)
+    problem = common.validate(args)  # refuses e.g. a batch that moco's --bn-splits does not divide
+    if problem:
+        raise safety.UsageError(problem)
     return args
 
 
@@ -238,7 +241,7 @@ def method_views(module, run):
 
 class Trainer:
     """The body of the method script's own loop, fed one batch at a time: its train_step,
-    then the lagged loss check. What is timed here is exactly what main() runs per step."""
+    then the periodic loss check. What is timed here is exactly what main() runs per step."""
 
     def __init__(self, module, model, optimizer, run):
         self.module, self.model, self.optimizer, self.run = module, model, optimizer, run
@@ -306,7 +309,7 @@ def measure_method(name, module, args, cfg, run, floor, pil_batches):
 
 class PILTwoViews(torch.utils.data.Dataset):
     """uint8 images as PIL images, two views each through torchvision's transforms: the
-    SimCLR/SimSiam CIFAR recipe that common.Augment reproduces on the GPU."""
+    SimCLR/SimSiam CIFAR recipe that datasets.Augment reproduces on the GPU."""
 
     def __init__(self, x, size, mean, std):
         self.x = x.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3), what PIL reads
@@ -432,10 +435,10 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randint(0, 256, (cfg.images, 3, cfg.size, cfg.size), dtype=torch.uint8, generator=g)  # (N, 3, S, S)
-    mean, std = common.channel_stats(x)
+    mean, std = datasets.channel_stats(x)
     y = torch.zeros(cfg.images, dtype=torch.long)
     # A common.Run, so that run.augment() builds the views as in the method scripts.
-    data = common.Data("noise", x, y, x[:1], y[:1], num_classes=1).to(device)
+    data = datasets.Data("noise", x, y, x[:1], y[:1], num_classes=1).to(device)
     run = common.Run("benchmark", common.Args(batch_size=cfg.batch_size), device, data, mean, std, folder="")
     steps_per_epoch = cfg.images // cfg.batch_size
 
@@ -446,11 +449,11 @@ def main(argv=None):
         if module is not None:
             try:
                 args = method_args(name, module, cfg)
-            except common.UsageError as e:
+            except safety.UsageError as e:
                 why = str(e)
         if args is None:
             if cfg.explicit:  # asked for by name: say so rather than quietly leave it out
-                raise common.UsageError(f"--methods {name} cannot run: {why}")
+                raise safety.UsageError(f"--methods {name} cannot run: {why}")
             print(f"skipping {name}: {why}", file=sys.stderr)
             skipped[name] = why
         else:
@@ -481,4 +484,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    safety.cli(main)

@@ -29,10 +29,11 @@ def run_script(*argv, timeout=600, cwd=ROOT, threads=None):
 def make_run(args, n=16, size=8, classes=2):
     """A common.Run over n random uint8 images on the CPU, for driving a script's train_step."""
     import common
+    import datasets
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     y = torch.arange(n) % classes
-    data = common.Data("random", x, y, x, y, num_classes=classes)
+    data = datasets.Data("random", x, y, x, y, num_classes=classes)
     return common.Run("test", args, torch.device("cpu"), data, [0.5] * 3, [0.25] * 3, folder="")
 
 

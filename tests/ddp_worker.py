@@ -6,7 +6,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import common
+import ddp  # noqa: E402
+import datasets  # noqa: E402
 import moco  # noqa: E402
 import simclr  # noqa: E402
 
@@ -14,7 +16,7 @@ B = 8  # the global batch
 
 
 def main(method, out):
-    rank, size, _ = common.init_distributed()
+    rank, size, _ = ddp.init_distributed()
     b = B // size
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(B, 3, 16, 16, generator=g), torch.randn(B, 3, 16, 16, generator=g)
@@ -32,16 +34,16 @@ def main(method, out):
             module, args, sync = simclr, simclr.Args(proj_dim=16, batch_size=B, lr=1.0, warmup=0, epochs=1), True
         elif method == "moco-v3":
             # SGD: Adam would turn float noise in near-zero gradients into full-size steps.
-            args = moco.resolve(moco.Args(version="v3", arch="vit_tiny", mlp_dim=32, batch_size=B, lr=1.0,
-                                          optimizer="sgd", warmup=0, epochs=1))
+            args = moco.Args(version="v3", arch="vit_tiny", mlp_dim=32, batch_size=B, lr=1.0, optimizer="sgd",
+                             wd=0.1, proj_dim=256, warmup=0, epochs=1)  # v3's wd and proj_dim (moco.defaults)
             module, sync = moco, True
-        else:  # moco-v2: per-rank BN on 2 ranks is split BN over 2 sub-batches in one process
+        else:  # moco-v2: --bn-splits 2 is split BN over 2 sub-batches in one process, per-rank BN on 2 ranks
             torch.randperm = lambda n, **kw: torch.arange(n, device=kw.get("device"))  # no shuffle: comparable keys
-            args = moco.resolve(moco.Args(queue=16, bn_splits=2 if size == 1 else 1, batch_size=B, warmup=0, epochs=1))
+            args = moco.Args(queue=16, bn_splits=2, batch_size=B, warmup=0, epochs=1)
             module, sync = moco, False
         # A Run of 10 steps in all, so that step i is at progress i / 10, as the scripts' loops see it.
         images = torch.zeros(10 * B, 3, 16, 16, dtype=torch.uint8)
-        data = common.Data("fixed", images, None, None, None, num_classes=1)
+        data = datasets.Data("fixed", images, None, None, None, num_classes=1)
         run = common.Run(method, args, torch.device("cpu"), data, [0.5] * 3, [0.25] * 3, "", None, rank, size)
         model = common.prepare(module.build_model(args, 16), run, sync_bn=sync)
         opt = common.make_optimizer(args, [p for p in model.parameters() if p.requires_grad], run.device)
@@ -52,6 +54,9 @@ def main(method, out):
         for name in ("queue", "queue_ptr"):
             if hasattr(model, name):
                 result[name] = getattr(model, name)
+        if method == "moco-v2":  # the number of sub-batches each BN layer normalizes separately, on this rank
+            result["bn_splits"] = torch.tensor([getattr(m, "splits", 1) for m in model.modules()
+                                                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)])
         if sync:
             result.update({k: v for k, v in model.named_buffers() if "running" in k})
     if rank == 0:

@@ -13,7 +13,9 @@ from PIL import Image
 
 from conftest import run_script
 
-import common
+import safety
+import datasets
+import eval_extras as ex
 import eval_knn as ek
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -67,21 +69,26 @@ def rising_buckets(scale=3.0):
     return torch.tensor(norms + [scale]), torch.tensor(correct + [True])
 
 
+def buckets(norms, correct, bins=20):
+    """The buckets analysis as evaluate() runs it: k-NN accuracy (%) per bin of norm / max norm."""
+    return ek.binned(norms, 100.0 * correct, "accuracy", bins, y_name="bin accuracies")
+
+
 def test_buckets_accuracy_rising_with_norm():
     norms, correct = rising_buckets()
-    r = ek.norm_buckets(norms, correct, bins=20)
+    r = buckets(norms, correct, bins=20)
     assert [b["count"] for b in r["bins"]] == [20] * 19 + [21]
     assert [b["accuracy"] for b in r["bins"][:19]] == pytest.approx([100 * (b + 1) / 20 for b in range(19)])
     assert r["bins"][19]["accuracy"] == 100.0
     assert r["bins"][3]["lo"] == pytest.approx(0.15) and r["bins"][3]["hi"] == pytest.approx(0.2)
     assert r["spearman"] == pytest.approx(1.0)
     # Only norm / max norm matters, and falling accuracy gives -1.
-    assert ek.norm_buckets(norms * 7, correct)["bins"] == r["bins"]
-    assert ek.norm_buckets(norms, ~correct)["spearman"] == pytest.approx(-1.0)
+    assert buckets(norms * 7, correct)["bins"] == r["bins"]
+    assert buckets(norms, ~correct)["spearman"] == pytest.approx(-1.0)
 
 
 def test_buckets_leave_empty_bins_out_of_the_correlation():
-    r = ek.norm_buckets(torch.tensor([1.0, 1.0, 8.5, 10.0]), torch.tensor([False, True, True, True]), bins=10)
+    r = buckets(torch.tensor([1.0, 1.0, 8.5, 10.0]), torch.tensor([False, True, True, True]), bins=10)
     assert [b["count"] for b in r["bins"]] == [0, 2, 0, 0, 0, 0, 0, 0, 1, 1]
     assert r["bins"][0]["accuracy"] is None and r["bins"][1]["accuracy"] == 50.0
     assert r["spearman"] == pytest.approx(ek.spearman([0.1, 0.8, 0.9], [50, 100, 100]))
@@ -126,7 +133,9 @@ def test_prototypes_grid_holds_the_chosen_images_in_order(tmp_path):
     images = (torch.arange(n) + 1).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4)
     norms = torch.randperm(n).float() + 1
     png = tmp_path / "sub" / "protos.png"
-    idx = ek.prototypes(images, norms, labels, 3, str(png))
+    r = ek.prototypes(images, norms, labels, 3, str(png))
+    idx = torch.tensor(r["indices"])
+    assert r["png"] == str(png) and r["counts"] == counts
     im = torch.from_numpy(np.array(Image.open(png).convert("L")))  # (H, W)
     assert im.shape == (3 * (4 + 2) + 2, 20 * (4 + 2) + 2)  # save_image pads 2 px around every tile
     for c, n_c in enumerate(counts):
@@ -156,16 +165,22 @@ def test_linear_probe_separable_and_uninformative_features():
     assert again == r  # deterministic given the seed
 
 
+def per_class(norms, labels, num_classes=None):
+    """The classes analysis as evaluate() runs it, on 1-D features whose norms are `norms`."""
+    num_classes = num_classes or int(labels.max()) + 1
+    return ek.class_frequency(ek.norm_summary(norms[:, None], labels, num_classes))
+
+
 def test_per_class_norms_follow_frequency():
     counts, means = [50, 30, 20, 10, 5], [4.0, 3.0, 2.5, 2.0, 1.0]
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
     norms = torch.cat([torch.full((n,), m) for n, m in zip(counts, means)]) + 0.01 * torch.randn(len(labels))
-    r = ek.per_class_norms(norms, labels, num_classes=6)  # class 5 has no image
+    r = per_class(norms, labels, num_classes=6)  # class 5 has no image
     assert [c["count"] for c in r["classes"]] == counts + [0] and r["classes"][5]["mean_norm"] is None
     assert [c["mean_norm"] for c in r["classes"][:5]] == pytest.approx(means, abs=0.01)
     assert r["spearman"] == pytest.approx(1.0)
-    assert ek.per_class_norms(-norms, labels)["spearman"] == pytest.approx(-1.0)
-    balanced = ek.per_class_norms(norms[:40], torch.arange(40) % 4)
+    assert per_class(5 - norms, labels)["spearman"] == pytest.approx(-1.0)  # the rarer the class, the larger
+    balanced = per_class(norms[:40], torch.arange(40) % 4)
     assert balanced["spearman"] is None  # undefined, and the note says why instead of a nan
     assert balanced["note"] == ("no class frequency to correlate with: all 4 classes have 10 training images "
                                 "(a balanced set)")
@@ -204,7 +219,7 @@ class FixedDirections(torch.nn.Module):
 
 def test_positive_pair_cosines_with_fixed_directions():
     model, x = FixedDirections(), torch.zeros(10, 3, 8, 8, dtype=torch.uint8)
-    augment = common.Augment(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    augment = datasets.Augment(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     rng = torch.get_rng_state()
     cos = ek.positive_pair_cosines(model, x, augment, "projector", batch_size=4)  # batches of 4, 4, 2
     assert cos.tolist() == pytest.approx([-1.0, 0.0] * 5, abs=1e-6) and model.calls == 6
@@ -220,7 +235,7 @@ def test_positive_pair_cosines_repeat_under_their_seed():
     model = torch.nn.Module()
     model.backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
     model.projector = torch.nn.Linear(8, 4)
-    augment = common.Augment(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    augment = datasets.Augment(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     a = ek.positive_pair_cosines(model, x, augment, "projector", seed=1)
     assert a.shape == (12,) and (a.abs() <= 1 + 1e-6).all() and (a < 1 - 1e-4).any()  # the two views differ
     assert torch.equal(a, ek.positive_pair_cosines(model, x, augment, "projector", seed=1))
@@ -230,10 +245,10 @@ def test_positive_pair_cosines_repeat_under_their_seed():
 def test_draw_figures_only_with_matplotlib(tmp_path):
     norms, correct = rising_buckets()
     result = {"runs": {"a": [{"epoch": 1, "loss": 1.0, "emb_norm_mean": 2.0, "feat_norm_mean": 3.0, "knn_top1": None}]},
-              "analyses": {"buckets": ek.norm_buckets(norms, correct),
-                           "novelty": ek.novelty(norms, norms, {"x": norms / 2}),
-                           "classes": ek.per_class_norms(norms, torch.arange(len(norms)) % 3)}}
-    drawn = ek.draw_figures(result, str(tmp_path / "figs"))
+              "analyses": {"buckets": {"space": "loss", **buckets(norms, correct)},  # evaluate() adds the space
+                           "novelty": {"space": "loss", **ek.novelty(norms, norms, {"x": norms / 2})},
+                           "classes": {"space": "loss", **per_class(norms, torch.arange(len(norms)) % 3)}}}
+    drawn = ex.draw_figures(result, str(tmp_path / "figs"))
     assert (drawn is not None) == HAS_MPL  # None: matplotlib is missing, nothing was written
     names = sorted(os.listdir(tmp_path / "figs")) if HAS_MPL else []
     assert names == (["buckets.png", "classes.png", "curves.png", "novelty.png"] if HAS_MPL else [])
@@ -273,19 +288,19 @@ def test_compare_bad_runs_are_one_sentence(tmp_path, content, message):
     if content is not None:
         write_run(tmp_path / "run", [])
         (tmp_path / "run" / "metrics.jsonl").write_text(content)
-    with pytest.raises(common.UsageError, match=message):
+    with pytest.raises(safety.UsageError, match=message):
         ek.main(["--compare", str(tmp_path / "run")])
     (tmp_path / "other").mkdir()
-    with pytest.raises(common.UsageError, match="has no metrics.jsonl"):
+    with pytest.raises(safety.UsageError, match="has no metrics.jsonl"):
         ek.main(["--compare", str(tmp_path / "other")])
 
 
 def test_cli_without_checkpoint_or_with_unknown_analysis(tmp_path):
-    with pytest.raises(common.UsageError, match="give a checkpoint"):
+    with pytest.raises(safety.UsageError, match="give a checkpoint"):
         ek.main([])
-    with pytest.raises(common.UsageError, match="unknown analysis 'bukets'"):
+    with pytest.raises(safety.UsageError, match="unknown analysis 'bukets'"):
         ek.main([str(tmp_path / "x.pt"), "--analyses", "buckets,bukets"])
-    with pytest.raises(common.UsageError, match="unknown space 'head'"):
+    with pytest.raises(safety.UsageError, match="unknown space 'head'"):
         ek.main([str(tmp_path / "x.pt"), "--analyses", "probe:head"])
 
 

@@ -33,10 +33,12 @@ import pytest
 import torch
 
 import common
+import safety
+import datasets
 import eval_knn
 import simclr
 from conftest import run_script
-from test_data import save_jpeg, write_cifar, write_fashion, write_idx
+from test_data import publish_cifar, publish_flowers, save_jpeg, write_cifar, write_fashion, write_flowers, write_idx
 
 
 def snapshot(folder):
@@ -73,7 +75,7 @@ def train(data_dir, tmp_path, *flags):
 def good_ckpt():
     """A checkpoint as the scripts write it, for a small SimCLR (16 px synthetic images)."""
     args = simclr.Args(dataset="synthetic", proj_dim=8)
-    return {"format": common.FORMAT, "method": "simclr", "args": dataclasses.asdict(args), "epoch": 3,
+    return {"format": safety.FORMAT, "method": "simclr", "args": dataclasses.asdict(args), "epoch": 3,
             "img_size": 16, "num_classes": 4, "data_stats": [[0.5, 0.4, 0.3], [0.25, 0.2, 0.2]],
             "model": simclr.build_model(args, 16).state_dict()}
 
@@ -85,7 +87,7 @@ def test_eval_knn_imports_no_module_a_checkpoint_names(tmp_path, monkeypatch):
     (tmp_path / "normssl_marker.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     path = tmp_path / "crafted.pt"
-    torch.save({"format": common.FORMAT, "method": "normssl_marker", "epoch": 1}, path)
+    torch.save({"format": safety.FORMAT, "method": "normssl_marker", "epoch": 1}, path)
     before = snapshot(tmp_path)
     message = assert_refused(run_script("eval_knn.py", str(path), "--device", "cpu", threads=1),
                              str(path), "'method' must be one of simclr, simsiam, byol, moco", "refusing to load it")
@@ -114,7 +116,7 @@ def changed(ckpt, field, value):
     return out
 
 
-# (field, crafted value, what the sentence must say): common.check_checkpoint.
+# (field, crafted value, what the sentence must say): safety.check_checkpoint.
 BAD_FIELDS = [
     ("method", "antigravity", "'method' must be one of simclr, simsiam, byol, moco but is 'antigravity'"),
     ("method", "os", "'method' must be one of simclr, simsiam, byol, moco but is 'os'"),
@@ -145,8 +147,8 @@ BAD_FIELDS = [
 
 @pytest.mark.parametrize("field,value,says", BAD_FIELDS, ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD_FIELDS])
 def test_checkpoint_fields_are_checked(good_ckpt, field, value, says):
-    with pytest.raises(common.UsageError, match="^x.pt is not a valid normssl checkpoint: ") as e:
-        common.check_checkpoint(changed(good_ckpt, field, value), "x.pt")
+    with pytest.raises(safety.UsageError, match="^x.pt is not a valid normssl checkpoint: ") as e:
+        safety.check_checkpoint(changed(good_ckpt, field, value), "x.pt")
     assert says in str(e.value) and str(e.value).endswith("refusing to load it (use a last.pt or epoch<N>.pt "
                                                           "that a method script wrote)")
 
@@ -178,8 +180,8 @@ BAD_NETWORKS = [
 def test_load_model_checks_flags_and_weights(good_ckpt, monkeypatch, field, value, says):
     # The file itself is read by load_checkpoint (tested in test_common and above); here the
     # crafted dict goes straight to the checks that load_model adds.
-    monkeypatch.setattr(common, "load_checkpoint", lambda path: changed(good_ckpt, field, value))
-    with pytest.raises(common.UsageError, match="^x.pt ") as e:
+    monkeypatch.setattr(safety, "load_checkpoint", lambda path: changed(good_ckpt, field, value))
+    with pytest.raises(safety.UsageError, match="^x.pt ") as e:
         eval_knn.load_model("x.pt")
     assert says in str(e.value) and "; refusing to load it" in str(e.value), str(e.value)
 
@@ -187,7 +189,7 @@ def test_load_model_checks_flags_and_weights(good_ckpt, monkeypatch, field, valu
 def test_load_model_accepts_ints_for_floats_and_fills_missing_flags(good_ckpt, monkeypatch):
     ckpt = changed(changed(good_ckpt, "args.lr", 1), "args.temperature", DELETE)
     ckpt["args"]["from_a_newer_version"] = [1, 2]  # unknown flags are ignored
-    monkeypatch.setattr(common, "load_checkpoint", lambda path: ckpt)
+    monkeypatch.setattr(safety, "load_checkpoint", lambda path: ckpt)
     model, loaded = eval_knn.load_model("x.pt")
     assert loaded["args"]["lr"] == 1.0 and loaded["args"]["temperature"] == 0.5  # the default
     assert torch.equal(model.projector[2].weight, good_ckpt["model"]["projector.2.weight"])
@@ -219,14 +221,15 @@ def rewrite(path, obj, protocol=2):
 
 
 def test_cifar_pickle_that_runs_code_is_refused(tmp_path):
+    # The real script, unpatched: no file written here has a published MD5 checksum, and the
+    # first one torchvision checks is the one that carries the payload.
     marker = tmp_path / "pwned"
     write_cifar(tmp_path / "data", "cifar10")
     batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1"
     rewrite(batch, {**cifar_batch(), "data": Payload(marker)})
     before = snapshot(tmp_path)
     assert_refused(train(tmp_path / "data", tmp_path, "--dataset", "cifar10"),
-                   str(batch), "asks to import 'posix.system'", "refusing to load it",
-                   "delete it and download cifar10 again")
+                   f"{batch} is not the published cifar10 file", "delete it and download cifar10 again")
     assert not marker.exists(), "the pickle's payload ran"
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
     # The control: plain pickle.load does run it.
@@ -235,87 +238,82 @@ def test_cifar_pickle_that_runs_code_is_refused(tmp_path):
     assert marker.exists()
 
 
-EVIL = [("os", "system"), ("posix", "system"), ("builtins", "eval"), ("builtins", "getattr"), ("subprocess", "Popen"),
-        ("numpy", "load"), ("numpy.testing", "assert_"), ("torch", "load"), ("x" * 200, "y")]
-
-
-@pytest.mark.parametrize("module,name", EVIL, ids=[f"{m[:10]}.{n}" for m, n in EVIL])
-def test_cifar_unpickler_allows_only_numpy_arrays(tmp_path, module, name):
+@pytest.mark.parametrize("file", ["test_batch", "batches.meta"])
+def test_a_changed_cifar_file_is_refused_unread(tmp_path, monkeypatch, file):
+    # Every other file is taken for the published one; the payload goes in the last batch
+    # torchvision checks, or in the meta file, which it unpickles after the batches.
+    marker = tmp_path / "pwned"
     write_cifar(tmp_path, "cifar10")
-    path = tmp_path / "cifar-10-batches-py" / "test_batch"
-    # A protocol-0 GLOBAL opcode naming module.name, called with no arguments.
-    path.write_bytes(b"c" + module.encode() + b"\n" + name.encode() + b"\n)R.")
-    with pytest.raises(common.UsageError, match=f"^{re.escape(str(path))} asks to import .*; refusing to load it") as e:
-        common.load_dataset("cifar10", str(tmp_path))
-    assert len(str(e.value)) < 300  # a long crafted name is cut short
-
-
-def test_cifar_unpickler_allows_latin1_bytes_only(tmp_path):
-    write_cifar(tmp_path, "cifar10")
-    path = tmp_path / "cifar-10-batches-py" / "test_batch"
-    path.write_bytes(b"c_codecs\nencode\n(X\x03\x00\x00\x00abcX\x04\x00\x00\x00zlibtR.")
-    with pytest.raises(common.UsageError, match="test_batch is not a valid cifar10 batch file .UnpicklingError"):
-        common.load_dataset("cifar10", str(tmp_path))
+    publish_cifar(monkeypatch, tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / file
+    rewrite(path, {**cifar_batch(), "data": Payload(marker)})
+    with pytest.raises(safety.UsageError) as e:
+        datasets.load_dataset("cifar10", str(tmp_path))
+    assert str(e.value) == (f"{path} is not the published cifar10 file (its MD5 checksum differs), so it is not "
+                            "read; delete it and download cifar10 again")
+    assert not marker.exists(), "the pickle's payload ran"
 
 
 # ----------------------------------------------------------------------------- 3. labels and image shapes
 
-def test_cifar_label_out_of_range(tmp_path):
-    # In-process: simclr.py's exit path for a bad CIFAR file is the one section 2 runs.
+def test_cifar_label_out_of_range(tmp_path, monkeypatch):
+    # In-process: simclr.py's exit path for a bad CIFAR file is the one section 2 runs. The
+    # published files hold no such label, so a file that does is refused by its checksum.
     write_cifar(tmp_path, "cifar10")
+    publish_cifar(monkeypatch, tmp_path, "cifar10")
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     rewrite(batch, cifar_batch(labels=[0, 1, 10, 2]))
     before = snapshot(tmp_path)
-    with pytest.raises(common.UsageError) as e:
-        common.load_dataset("cifar10", str(tmp_path))
-    assert str(e.value) == (f"{batch} holds label 10, outside the 10 classes 0 to 9; "
-                            "delete it and download cifar10 again")
+    with pytest.raises(safety.UsageError) as e:
+        datasets.load_dataset("cifar10", str(tmp_path))
+    assert str(e.value) == (f"{batch} is not the published cifar10 file (its MD5 checksum differs), so it is not "
+                            "read; delete it and download cifar10 again")
     assert snapshot(tmp_path) == before
 
 
-BAD_BATCHES = [
-    ("cifar10", cifar_batch(labels=[0, -1, 2, 3]), "holds label -1, outside the 10 classes 0 to 9"),
-    ("cifar100", {**cifar_batch(labels=[0, 99, 100, 3]), "fine_labels": [0, 99, 100, 3]},
-     "holds label 100, outside the 100 classes 0 to 99"),
-    ("cifar10", cifar_batch(labels=[0, 1, 2]), "holds 3 labels for 4 images"),
-    ("cifar10", cifar_batch(labels=[0.5, 1, 2, 3]), "holds labels that are not a list of class numbers"),
-    ("cifar10", cifar_batch(labels=[[0, 1], [2, 3]]), "holds labels that are not a list of class numbers"),
-    ("cifar10", cifar_batch(data=np.zeros((4, 1024), np.uint8)), "holds images as uint8 (4, 1024), not N rows of "
-                                                                 "3072 uint8 values"),
-    ("cifar10", cifar_batch(data=np.zeros(4 * 3072, np.uint8)), "holds images as uint8 (12288,)"),
-    ("cifar10", cifar_batch(data=np.zeros((4, 3072), np.float32)), "holds images as float32 (4, 3072)"),
-    ("cifar10", cifar_batch(data=[[0] * 3072] * 4), "holds images as [[0, 0, 0, 0, 0, 0, ...], [0, 0, 0, 0..., not N rows"),
+BAD_BATCHES = [  # (dataset, a batch that does not fit it); none of them is a published file
+    ("cifar10", cifar_batch(labels=[0, -1, 2, 3])),
+    ("cifar100", {**cifar_batch(labels=[0, 99, 100, 3]), "fine_labels": [0, 99, 100, 3]}),
+    ("cifar10", cifar_batch(labels=[0, 1, 2])),
+    ("cifar10", cifar_batch(labels=[0.5, 1, 2, 3])),
+    ("cifar10", cifar_batch(labels=[[0, 1], [2, 3]])),
+    ("cifar10", cifar_batch(data=np.zeros((4, 1024), np.uint8))),
+    ("cifar10", cifar_batch(data=np.zeros(4 * 3072, np.uint8))),
+    ("cifar10", cifar_batch(data=np.zeros((4, 3072), np.float32))),
+    ("cifar10", cifar_batch(data=[[0] * 3072] * 4)),
 ]
 
 
-@pytest.mark.parametrize("name,batch,says", BAD_BATCHES, ids=[f"{n}-{s[:30]}" for n, _, s in BAD_BATCHES])
-def test_cifar_batches_that_do_not_fit_are_refused(tmp_path, name, batch, says):
-    write_cifar(tmp_path, name)
-    path = tmp_path / ("cifar-10-batches-py/data_batch_1" if name == "cifar10" else "cifar-100-python/train")
-    rewrite(path, batch)
-    with pytest.raises(common.UsageError, match=f"^{re.escape(str(path))} ") as e:
-        common.load_dataset(name, str(tmp_path))
-    assert says in str(e.value) and str(e.value).endswith(f"delete it and download {name} again"), str(e.value)
+def test_cifar_batches_that_do_not_fit_are_refused(tmp_path, monkeypatch):
+    for i, (name, batch) in enumerate(BAD_BATCHES):
+        write_cifar(tmp_path / str(i), name)
+        publish_cifar(monkeypatch, tmp_path / str(i), name)
+        path = tmp_path / str(i) / ("cifar-10-batches-py/data_batch_1" if name == "cifar10" else
+                                    "cifar-100-python/train")
+        rewrite(path, batch)
+        with pytest.raises(safety.UsageError, match=f"^{re.escape(str(path))} is not the published {name} file") as e:
+            datasets.load_dataset(name, str(tmp_path / str(i)))
+        assert str(e.value).endswith(f"delete it and download {name} again"), str(e.value)
 
 
 def test_fashionmnist_labels_out_of_range(tmp_path):
     write_fashion(str(tmp_path))
     write_idx(str(tmp_path / "t10k-labels-idx1-ubyte.gz"), np.array([0, 10, 3]), gz=True)
-    with pytest.raises(common.UsageError, match=r"t10k-labels-idx1-ubyte.gz holds label 10, outside the 10 classes "
+    with pytest.raises(safety.UsageError, match=r"t10k-labels-idx1-ubyte.gz holds label 10, outside the 10 classes "
                                                 r"0 to 9; fetch it again$"):
-        common.load_dataset("fashionmnist", str(tmp_path))
+        datasets.load_dataset("fashionmnist", str(tmp_path))
 
 
 def test_fashionmnist_images_of_the_wrong_shape(tmp_path):
     write_fashion(str(tmp_path))
     write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), np.zeros((6, 32, 32)), gz=True)
-    with pytest.raises(common.UsageError, match=r"train-images-idx3-ubyte.gz is not a valid idx file \(it holds an "
+    with pytest.raises(safety.UsageError, match=r"train-images-idx3-ubyte.gz is not a valid idx file \(it holds an "
                                                 r"array of shape \(6, 32, 32\), not \(N, 28, 28\)\)"):
-        common.load_dataset("fashionmnist", str(tmp_path))
+        datasets.load_dataset("fashionmnist", str(tmp_path))
     write_fashion(str(tmp_path))
     write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), np.zeros((6, 1)), gz=True)  # rank 2 labels
-    with pytest.raises(common.UsageError, match=r"not \(N\)\)"):
-        common.load_dataset("fashionmnist", str(tmp_path))
+    with pytest.raises(safety.UsageError, match=r"not \(N\)\)"):
+        datasets.load_dataset("fashionmnist", str(tmp_path))
 
 
 def tiny_imagenet(root):
@@ -332,15 +330,15 @@ def tiny_imagenet(root):
 def test_folder_dataset_cache_with_bad_labels_is_decoded_again(tmp_path, capsys):
     root = tmp_path / "tiny-imagenet-200"
     tiny_imagenet(root)
-    good = common.load_dataset("tinyimagenet", str(tmp_path))
+    good = datasets.load_dataset("tinyimagenet", str(tmp_path))
     cache = root / "normssl_cache_64.pt"
     d = torch.load(cache, weights_only=True)
     torch.save({**d, "train_y": torch.tensor([0, 7])}, cache)  # class 7 of 2
-    again = common.load_dataset("tinyimagenet", str(tmp_path))
+    again = datasets.load_dataset("tinyimagenet", str(tmp_path))
     assert f"ignoring the cache {cache}, which holds label 7, outside the 2 classes 0 to 1" in capsys.readouterr().err
     assert torch.equal(again.train_y, good.train_y) and torch.equal(again.train_x, good.train_x)
     torch.save({**d, "test_x": d["test_x"][:, :, :32]}, cache)  # not square
-    common.load_dataset("tinyimagenet", str(tmp_path))
+    datasets.load_dataset("tinyimagenet", str(tmp_path))
     assert "holds images as torch.uint8 (2, 3, 32, 64), not uint8 N x 3 x 64 x 64" in capsys.readouterr().err
 
 
@@ -349,23 +347,24 @@ def test_folder_dataset_with_a_broken_image(tmp_path):
         for c in ("a", "b"):
             save_jpeg(str(tmp_path / split / c / "0.JPEG"), (0, 200, 0), (40, 30))
     (tmp_path / "train" / "b" / "0.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(common.UsageError, match=f"^{re.escape(str(tmp_path))}/train/b/0.JPEG is not a readable "
+    with pytest.raises(safety.UsageError, match=f"^{re.escape(str(tmp_path))}/train/b/0.JPEG is not a readable "
                                                 r"image \(UnidentifiedImageError\); replace it"):
-        common.load_dataset("imagenet100", str(tmp_path))
+        datasets.load_dataset("imagenet100", str(tmp_path))
 
 
-def test_flowers102_labels_out_of_range(tmp_path):
-    scipy_io = pytest.importorskip("scipy.io")
+def test_flowers102_labels_out_of_range(tmp_path, monkeypatch):
+    # A label outside the 102 classes, or an image id outside imagelabels.mat, is in no
+    # published .mat file: the file that holds one is refused by its checksum.
     root = tmp_path / "flowers-102"
-    os.makedirs(root / "jpg")
-    scipy_io.savemat(root / "imagelabels.mat", {"labels": np.array([[1, 103, 2]])})
-    scipy_io.savemat(root / "setid.mat", {"trnid": np.array([[1]]), "valid": np.array([[2]]), "tstid": np.array([[3]])})
-    with pytest.raises(common.UsageError, match="imagelabels.mat holds labels outside the 102 classes 1 to 102"):
-        common.load_dataset("flowers102", str(tmp_path))
-    scipy_io.savemat(root / "imagelabels.mat", {"labels": np.array([[1, 1, 2]])})
-    scipy_io.savemat(root / "setid.mat", {"trnid": np.array([[1]]), "valid": np.array([[2]]), "tstid": np.array([[4]])})
-    with pytest.raises(common.UsageError, match="setid.mat lists images outside the 3 of imagelabels.mat in 'tstid'"):
-        common.load_dataset("flowers102", str(tmp_path))
+    write_flowers(root, [1, 1, 2], {"trnid": [1], "valid": [2], "tstid": [3]})
+    publish_flowers(monkeypatch, root)
+    write_flowers(root, [1, 103, 2], {"trnid": [1], "valid": [2], "tstid": [3]})
+    with pytest.raises(safety.UsageError, match=f"^{re.escape(str(root))}/imagelabels.mat is not the published "
+                                                "flowers102 file .*; delete it and download flowers102 again$"):
+        datasets.load_dataset("flowers102", str(tmp_path))
+    write_flowers(root, [1, 1, 2], {"trnid": [1], "valid": [2], "tstid": [4]})
+    with pytest.raises(safety.UsageError, match=f"^{re.escape(str(root))}/setid.mat is not the published flowers102"):
+        datasets.load_dataset("flowers102", str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- 4. idx files
@@ -410,8 +409,8 @@ def test_idx_header_is_checked_before_the_data_is_read(tmp_path, header, payload
     path = str(tmp_path / ("images.gz" if gz else "images"))
     with (gzip.open if gz else open)(path, "wb") as fh:
         fh.write(header + payload)
-    with pytest.raises(common.UsageError, match=f"^{re.escape(path)} is not a valid idx file") as e:
-        common.read_idx(path)
+    with pytest.raises(safety.UsageError, match=f"^{re.escape(path)} is not a valid idx file") as e:
+        datasets.read_idx(path)
     assert says in str(e.value)
 
 
@@ -419,8 +418,8 @@ def test_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
     path = str(tmp_path / "bomb.gz")
     gzip_bomb(path, struct.pack(">HBBIII", 0, 8, 3, 6, 28, 28), gigabytes=8)
     tracemalloc.start()
-    with pytest.raises(common.UsageError, match="goes on past the 4704 bytes"):
-        common.read_idx(path)
+    with pytest.raises(safety.UsageError, match="goes on past the 4704 bytes"):
+        datasets.read_idx(path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 2 ** 26  # under 64 MB of the 8 GB it would inflate to
@@ -429,8 +428,8 @@ def test_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
 def test_fashionmnist_image_and_label_counts_must_agree(tmp_path):
     write_fashion(str(tmp_path))
     write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), np.zeros(5), gz=True)
-    with pytest.raises(common.UsageError) as e:
-        common.load_dataset("fashionmnist", str(tmp_path))
+    with pytest.raises(safety.UsageError) as e:
+        datasets.load_dataset("fashionmnist", str(tmp_path))
     assert str(e.value) == (f"{tmp_path}/train-images-idx3-ubyte.gz holds 6 images but "
                             f"{tmp_path}/train-labels-idx1-ubyte.gz holds 5 labels; fetch both files again")
 
@@ -457,19 +456,16 @@ def test_download_without_network_stops_the_script_and_cleans_up(tmp_path, monke
     assert snapshot(tmp_path) == before
 
 
-class NoNetwork:
-    """Stands in for a torchvision dataset class: creates what a download starts with,
-    the folders and a partial archive, then fails as urllib does without network."""
-
-    def __init__(self, files, error=urllib.error.URLError("[Errno -3] Temporary failure in name resolution")):
-        self.files, self.error = files, error
-
-    def __call__(self, root, download):
-        for f in self.files:
-            os.makedirs(os.path.dirname(os.path.join(root, f)), exist_ok=True)
-            with open(os.path.join(root, f), "wb") as fh:
+def no_network(files, error=urllib.error.URLError("[Errno -3] Temporary failure in name resolution")):
+    """Stands in for a torchvision dataset class's download(): creates what a download starts
+    with, the folders and a partial archive, then fails as urllib does without network."""
+    def download(dataset):
+        for f in files:
+            os.makedirs(os.path.dirname(os.path.join(dataset.root, f)), exist_ok=True)
+            with open(os.path.join(dataset.root, f), "wb") as fh:
                 fh.write(b"partial")
-        raise self.error
+        raise error
+    return download
 
 
 def test_failed_download_keeps_what_was_there(tmp_path, monkeypatch):
@@ -478,11 +474,11 @@ def test_failed_download_keeps_what_was_there(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine\n")
     (tmp_path / "FashionMNIST" / "README").write_text("also mine\n")
     before = snapshot(tmp_path)
-    monkeypatch.setattr("torchvision.datasets.FashionMNIST", NoNetwork(
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST.download", no_network(
         ["FashionMNIST/raw/train-images-idx3-ubyte.gz", "FashionMNIST/partial.tmp", "stray.tmp"],
         RuntimeError("Error downloading train-images-idx3-ubyte.gz")))
-    with pytest.raises(common.UsageError) as e:
-        common.load_dataset("fashionmnist", str(tmp_path), download=True)
+    with pytest.raises(safety.UsageError) as e:
+        datasets.load_dataset("fashionmnist", str(tmp_path), download=True)
     assert str(e.value) == (f"--download could not fetch fashionmnist (Error downloading train-images-idx3-ubyte.gz); "
                             f"put the four *-ubyte.gz files in {tmp_path} by hand, {OFFLINE}")
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path / "FashionMNIST")) == ["README"]
@@ -490,19 +486,21 @@ def test_failed_download_keeps_what_was_there(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name,cls", [("cifar100", "CIFAR100"), ("flowers102", "Flowers102")])
 def test_failed_download_removes_the_folder_it_created(tmp_path, monkeypatch, name, cls):
-    monkeypatch.setattr(f"torchvision.datasets.{cls}", NoNetwork(["archive.tgz.part", "flowers-102/jpg/x.jpg"]))
+    monkeypatch.setattr(f"torchvision.datasets.{cls}.download",
+                        no_network(["archive.tgz.part", "flowers-102/jpg/x.jpg"]))
     data_dir = tmp_path / "a" / "b"
-    with pytest.raises(common.UsageError, match=rf"^--download could not fetch {name} \(<urlopen error \[Errno -3\] "
+    with pytest.raises(safety.UsageError, match=rf"^--download could not fetch {name} \(<urlopen error \[Errno -3\] "
                                                 r"Temporary failure in name resolution>\); put .* by hand, or work "
                                                 "offline on Fashion-MNIST"):
-        common.load_dataset(name, str(data_dir), download=True)
+        datasets.load_dataset(name, str(data_dir), download=True)
     assert os.listdir(tmp_path) == []
 
 
 def test_interrupted_download_is_cleaned_up_and_still_interrupts(tmp_path, monkeypatch):
-    monkeypatch.setattr("torchvision.datasets.CIFAR10", NoNetwork(["cifar-10-python.tar.gz"], KeyboardInterrupt()))
+    monkeypatch.setattr("torchvision.datasets.CIFAR10.download",
+                        no_network(["cifar-10-python.tar.gz"], KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        common.load_dataset("cifar10", str(tmp_path / "data"), download=True)
+        datasets.load_dataset("cifar10", str(tmp_path / "data"), download=True)
     assert os.listdir(tmp_path) == []
 
 
@@ -547,7 +545,7 @@ def test_method_flags_are_refused(tmp_path, capsys, script, argv, says):
     import importlib
     module = importlib.import_module(script[:-3])
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: module.main([*TINY, "--out", str(tmp_path / "run"), *argv]))
+        safety.cli(lambda: module.main([*TINY, "--out", str(tmp_path / "run"), *argv]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and says in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
@@ -571,7 +569,7 @@ def test_every_declared_range_is_enforced(capsys, script):
         for value in bad:
             with pytest.raises(SystemExit) as e:
                 common.parse_args(module.Args, module.__doc__, [flag, str(type(f.default)(value))],
-                                  getattr(module, "resolve", None))
+                                  getattr(module, "defaults", None))
             err = capsys.readouterr().err
             assert e.value.code == 2 and f"{flag} must be" in err and f"(got {type(f.default)(value)})" in err, err
 
@@ -588,7 +586,9 @@ def good_run(tmp_path_factory):
 @pytest.mark.parametrize("flags, says", [
     (["--t", "0"], "--t must be positive"),
     (["--t", "nan"], "--t must be positive and finite"),
-    (["--k", "0"], "--k, --bins must be >= 1"),
+    (["--k", "0"], "--k must be >= 1 (got 0)"),
+    (["--bins", "0"], "--bins must be >= 1 (got 0)"),
+    (["--probe-lr", "-1"], "--probe-lr must be positive and finite (got -1.0)"),
     (["--json", "{ckpt}"], "--json {ckpt} would overwrite a checkpoint"),
     (["--json", "{run}/metrics.jsonl"], "would overwrite a checkpoint or a run's own file"),
     (["--json", "{run}/no/such/folder/x.json"], "cannot write into"),
@@ -598,9 +598,11 @@ def test_eval_knn_refuses_bad_values_and_outputs_before_any_work(good_run, capsy
     ckpt = str(good_run / "last.pt")
     flags = [f.format(ckpt=ckpt, run=good_run) for f in flags]
     before = snapshot(good_run)
-    with pytest.raises((SystemExit, common.UsageError)) as e:
+    with pytest.raises((SystemExit, safety.UsageError)) as e:
         eval_knn.main([ckpt, "--device", "cpu", *flags])
-    message = str(e.value) if isinstance(e.value, common.UsageError) else capsys.readouterr().err
+    message = str(e.value) if isinstance(e.value, safety.UsageError) else capsys.readouterr().err
+    if isinstance(e.value, SystemExit):  # a flag value: one line, as the training scripts say it, no usage dump
+        assert e.value.code == 2 and message.count("\n") == 1 and message.startswith("error: "), message
     assert says.format(ckpt=ckpt) in message
     assert snapshot(good_run) == before
 
@@ -613,7 +615,7 @@ def test_eval_knn_takes_a_run_folder_for_its_last_pt(good_run):
 # ----------------------------------------------------------------------------- 7. faults during a run
 
 def checkpoints_equal(a, b):
-    a, b = common.load_checkpoint(str(a)), common.load_checkpoint(str(b))
+    a, b = safety.load_checkpoint(str(a)), safety.load_checkpoint(str(b))
     assert a["epoch"] == b["epoch"]
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
@@ -656,8 +658,8 @@ def wait_for(predicate, proc, timeout=120):
 
 def saved_epoch(out):
     try:
-        return common.load_checkpoint(str(out / "last.pt"))["epoch"]
-    except (common.UsageError, OSError):
+        return safety.load_checkpoint(str(out / "last.pt"))["epoch"]
+    except (safety.UsageError, OSError):
         return 0
 
 
@@ -708,7 +710,7 @@ def test_an_interrupt_or_full_disk_mid_save_keeps_the_last_good_checkpoint(good_
             raise fault
         monkeypatch.setattr(torch, "save", broken_save)
         with pytest.raises(SystemExit) as e:
-            common.cli(lambda: simclr.main(["--resume", "auto", "--out", str(out), "--epochs", "2"]))
+            safety.cli(lambda: simclr.main(["--resume", "auto", "--out", str(out), "--epochs", "2"]))
         monkeypatch.undo()
         err = capsys.readouterr().err
         assert e.value.code == code and says in err and "Traceback" not in err, err
@@ -735,7 +737,7 @@ def test_nan_weights_stop_the_run_and_keep_the_good_checkpoint(good_run, tmp_pat
         return result
     monkeypatch.setattr(torch.optim.SGD, "step", poisoned)
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: simclr.main(["--resume", "auto", "--out", str(out), "--epochs", "2"]))
+        safety.cli(lambda: simclr.main(["--resume", "auto", "--out", str(out), "--epochs", "2"]))
     err = capsys.readouterr().err
     assert e.value.code == 1 and "the weights became NaN or infinite at epoch 2" in err, err
     assert "still holds epoch 1, the last good one" in err

@@ -16,6 +16,7 @@ from conftest import ROOT, run_script
 
 import byol
 import common
+import datasets
 import moco
 import simclr
 import simsiam
@@ -98,8 +99,8 @@ def test_timed_step_is_the_scripts_own_step(tmp_path, monkeypatch):
     monkeypatch.setattr(simclr, "build_model", lambda args, size: copy.deepcopy(start))
     model = simclr.main(argv)
 
-    data = common.load_dataset("synthetic", "data", subset=32)
-    run = common.Run("simclr", args, torch.device("cpu"), data, *common.channel_stats(data.train_x), folder="")
+    data = datasets.load_dataset("synthetic", "data", subset=32)
+    run = common.Run("simclr", args, torch.device("cpu"), data, *datasets.channel_stats(data.train_x), folder="")
     view = run.augment()
     copy_ = copy.deepcopy(start)
     optimizer = common.make_optimizer(args, bench.param_groups("simclr", copy_), run.device)
@@ -117,24 +118,25 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")  # e
 
 
 @pytest.mark.parametrize("name", ["simclr", "simsiam", "byol", "moco-v2", "moco-v3"])
-def test_a_training_step_reads_nothing_back_but_the_lagged_loss(name, monkeypatch):
+def test_a_training_step_reads_nothing_back_but_the_periodic_loss_check(name, monkeypatch):
     """On a GPU, reading a tensor's value on the host stalls the CPU until the GPU has
-    caught up. Counted here on the CPU: during 4 steps of the script's train_step and
-    lagged check (through the benchmark's Trainer, which times them), the only reads made
-    by this repo's code are the loss checks of the previous steps (3), from pinned memory on
-    CUDA. torch's own single-tensor Adam on the CPU reads CPU-side step counters; those are
-    not counted (CUDA uses the fused optimizer)."""
+    caught up. Counted here on the CPU: during the 4 steps of an epoch of the script's
+    train_step and end_step (through the benchmark's Trainer, which times them), the only
+    reads made by this repo's code are the loss checks, every CHECK_EVERY steps (set to 3
+    here) and at the epoch's last step. torch's own single-tensor Adam on the CPU reads
+    CPU-side step counters; those are not counted (CUDA uses the fused optimizer)."""
+    monkeypatch.setattr(common, "CHECK_EVERY", 3)
     module, args = {
         "simclr": (simclr, simclr.Args(proj_dim=16)),
         "simsiam": (simsiam, simsiam.Args(proj_dim=16, pred_dim=8)),
         "byol": (byol, byol.Args(hidden_dim=16, proj_dim=8)),
-        "moco-v2": (moco, moco.resolve(moco.Args(queue=32, bn_splits=2))),
-        "moco-v3": (moco, moco.resolve(moco.Args(version="v3", arch="vit_tiny", mlp_dim=32, proj_dim=16))),
+        "moco-v2": (moco, moco.Args(queue=32, bn_splits=2)),
+        "moco-v3": (moco, moco.Args(version="v3", arch="vit_tiny", mlp_dim=32, proj_dim=16, optimizer="adamw")),
     }[name]
     args = dataclasses.replace(args, dataset="synthetic", batch_size=16, epochs=1, warmup=1)
-    data = common.load_dataset("synthetic", "unused", subset=64)
+    data = datasets.load_dataset("synthetic", "unused", subset=64)
     cpu = torch.device("cpu")
-    run = common.Run(name, args, cpu, data, *common.channel_stats(data.train_x), folder="unused")
+    run = common.Run(name, args, cpu, data, *datasets.channel_stats(data.train_x), folder="unused")
     bench = load_benchmark()  # its Trainer is the script's own loop body, as main() sets it up
     method = name.split("-")[0]
     views = bench.method_views(module, run)
@@ -155,30 +157,33 @@ def test_a_training_step_reads_nothing_back_but_the_lagged_loss(name, monkeypatc
         monkeypatch.setattr(torch.Tensor, method, counted(method), raising=False)
     for i in range(4):
         trainer(data.train_x[16 * i: 16 * (i + 1)], views)
-    assert reads == [("tolist", "common.py", "check")] * 3
+    assert run.steps_per_epoch == 4 and reads == [("tolist", "common.py", "end_step")] * 2  # steps 3 and 4
 
 
 # ----------------------------------------------------------------------------- the laptop grid and the GPU check
 
 def test_gpu_check_runs_its_whole_cpu_fallback_path(tmp_path):
-    """benchmarks/gpu_check.py on this CPU, at a tiny budget: the throughput benchmark, then
-    the four Fashion-MNIST runs, into one JSON (small idx files in the real format)."""
+    """benchmarks/gpu_check.py on this CPU, at a tiny budget: the torchrun and fp16 runs (the
+    other five are the same path with other scripts), then the throughput benchmark, into one
+    JSON and one table (small idx files in the real format)."""
     from test_data import write_fashion
     write_fashion(str(tmp_path / "fashion"), n=64)
     out = tmp_path / "check"
     r = run_script("benchmarks/gpu_check.py", "--out", str(out), "--data-dir", str(tmp_path / "fashion"),
-                   "--device", "cpu", "--epochs", "1", "--extra", "--batch-size 32 --width 8 --proj-dim 16",
-                   "--runs", "simclr-c3",  # the same path as all four, in a quarter of the time
+                   "--device", "cpu", "--epochs", "1", "--subset", "64", "--batch-size", "32",
+                   "--extra", "--width 8 --proj-dim 16", "--runs", "simclr-torchrun,simsiam-fp16",
                    "--throughput", "--device cpu --images 32 --batch-size 16 --size 16 --steps 1 --warmup-steps 0 "
                                    "--workers 0 --knn-bank 32 --knn-queries 16 --methods simclr --skip-pil")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
     result = json.load(open(out / "gpu_check.json"))
     assert result["cuda"] is False and "simclr" in result["throughput"]["methods"]
-    assert sorted(result["runs"]) == ["simclr-c3"]
+    assert sorted(result["runs"]) == ["simclr-torchrun", "simsiam-fp16"]
     for run in result["runs"].values():
-        assert 0 <= run["knn_top1"] <= 100 and run["emb_norm"] > 0 and run["seconds_per_epoch"] > 0
-        assert "--dataset fashionmnist" in run["command"]
-    assert f"wrote {out / 'gpu_check.json'}" in r.stdout
+        assert run["status"] == "ok" and 0 <= run["knn_top1"] <= 100 and run["emb_norm"] > 0
+        assert "--dataset fashionmnist" in run["command"] and run["seconds_per_epoch"] > 0
+    assert result["runs"]["simsiam-fp16"]["device"].endswith("fp16 autocast with a gradient scaler")
+    assert "torch.distributed.run" in result["runs"]["simclr-torchrun"]["command"]
+    assert "| simsiam-fp16 | cpu" in r.stdout and f"wrote {out / 'gpu_check.json'}" in r.stdout
 
 
 def test_laptop_grid_writes_rows_as_it_goes_and_resumes(tmp_path):

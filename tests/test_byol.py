@@ -127,14 +127,25 @@ def test_target_moves_once_per_optimizer_step_under_accum():
         torch.testing.assert_close(xi, tau * old + (1 - tau) * theta)  # once: twice would be tau^2
 
 
+def test_logged_statistics_sit_on_the_loss_device():
+    """Meter.epoch_means stacks the epoch sums for torchrun's all-reduce, which fails when one sits on the CPU
+    and the rest on the GPU. The meta device stands in for the GPU: a tensor made on the CPU shows."""
+    meta, args = torch.device("meta"), byol.Args(hidden_dim=16, proj_dim=8, epochs=1, warmup=0, batch_size=8)
+    run = common.Run("byol", args, meta, make_run(args).data, [0.5] * 3, [0.25] * 3, folder="")
+    model = tiny_model().to(meta)
+    opt = common.make_optimizer(args, [p for p in model.parameters() if p.requires_grad], meta)
+    byol.train_step(model, opt, [torch.randn(8, 3, 8, 8, device=meta)], (lambda x: x, lambda x: x), run, 0)
+    assert "tau" in run.meter.sums and {v.device for v in run.meter.sums.values()} == {meta}
+
+
 def run(*cmd, cwd=ROOT):
     return run_script(*cmd, cwd=cwd)
 
 
 def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
     out = tmp_path / "run"
-    r = run("byol.py", "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1",
-            "--width", "16", "--hidden-dim", "64", "--proj-dim", "32", "--cut", "3", "--out", str(out), "--device", "cpu")
+    r = run("byol.py", "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1", "--width",
+            "16", "--hidden-dim", "64", "--proj-dim", "32", "--cut", "3", "--out", str(out), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import common
+import safety
+import datasets
 import simclr
 from eval_knn import knn_predict, norm_summary
 
@@ -54,7 +56,7 @@ def test_lr_scaling_and_schedule_per_step():
     assert not opt.param_groups[0]["nesterov"]
     common.set_lr(opt, 0.15)
     assert [g["lr"] for g in opt.param_groups] == [0.15, 0.15]
-    run = common.Run("test", args, torch.device("cpu"), common.Data("x", torch.zeros(1024, 3, 2, 2), None, None, None, 1),
+    run = common.Run("test", args, torch.device("cpu"), datasets.Data("x", torch.zeros(1024, 3, 2, 2), None, None, None, 1),
                      [0.5] * 3, [0.25] * 3, folder="")
     assert run.steps_per_epoch == 2 and run.total_steps == 20
     assert run.lr_at(0) == pytest.approx(0.6 / 4) and run.lr_at(3) == pytest.approx(0.6)  # 4 warmup steps
@@ -63,10 +65,10 @@ def test_lr_scaling_and_schedule_per_step():
 
 def test_checkpoint_round_trip(tmp_path):
     model = nn.Linear(3, 2)
-    ckpt = {"format": common.FORMAT, "method": "simclr", "model": model.state_dict(), "rng": common.rng_state()}
+    ckpt = {"format": safety.FORMAT, "method": "simclr", "model": model.state_dict(), "rng": common.rng_state()}
     path = str(tmp_path / "last.pt")
-    common.save_atomic(ckpt, path)
-    loaded = common.load_checkpoint(path)
+    safety.save_atomic(ckpt, path)
+    loaded = safety.load_checkpoint(path)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded["model"][k], v)
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
@@ -83,25 +85,25 @@ class Evil:
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     path = str(tmp_path / "evil.pt")
-    torch.save({"format": common.FORMAT, "payload": Evil()}, path)
-    with pytest.raises(common.UsageError, match="pickled code"):
-        common.load_checkpoint(path)
+    torch.save({"format": safety.FORMAT, "payload": Evil()}, path)
+    with pytest.raises(safety.UsageError, match="pickled code"):
+        safety.load_checkpoint(path)
 
 
 def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
     good = str(tmp_path / "good.pt")
-    common.save_atomic({"format": common.FORMAT, "w": torch.randn(100)}, good)
+    safety.save_atomic({"format": safety.FORMAT, "w": torch.randn(100)}, good)
     data = open(good, "rb").read()
     bad = tmp_path / "bad.pt"
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(common.UsageError, match="truncated or corrupt"):
-        common.load_checkpoint(str(bad))
+    with pytest.raises(safety.UsageError, match="truncated or corrupt"):
+        safety.load_checkpoint(str(bad))
     foreign = str(tmp_path / "foreign.pt")
     torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(common.UsageError, match="not written by normssl"):
-        common.load_checkpoint(foreign)
-    with pytest.raises(common.UsageError, match="does not exist"):
-        common.load_checkpoint(str(tmp_path / "missing.pt"))
+    with pytest.raises(safety.UsageError, match="not written by normssl"):
+        safety.load_checkpoint(foreign)
+    with pytest.raises(safety.UsageError, match="does not exist"):
+        safety.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
 def test_knn_on_a_toy_problem_with_a_known_answer():
@@ -135,7 +137,7 @@ def test_features_spaces():
     x = torch.randn(2, 3, 16, 16)
     assert common.features(model, x, "backbone").shape == (2, 512)
     assert common.features(model, x, "projector").shape == (2, 8)
-    with pytest.raises(common.UsageError, match="no predictor"):
+    with pytest.raises(safety.UsageError, match="no predictor"):
         common.features(model, x, "predictor")
 
 
@@ -175,7 +177,8 @@ def test_effective_rank():
 
 def test_gradscale_preset_sets_warmup_and_lr_unless_typed(capsys):
     def preset(*argv):
-        return common.gradscale_preset(common.parse_args(simclr.Args, simclr.__doc__, list(argv)))
+        args = common.parse_args(simclr.Args, simclr.__doc__, list(argv))
+        return args, [n for n in args.notes if n.startswith("GradScale")]
     args, notes = preset("--power", "1")
     assert (args.warmup, args.lr) == (100, pytest.approx(0.3 / 6))
     assert notes == ["GradScale preset: --warmup 100 --lr 0.05 (type either flag to override)"]
@@ -185,6 +188,8 @@ def test_gradscale_preset_sets_warmup_and_lr_unless_typed(capsys):
     assert (args.warmup, args.lr) == (20, 0.2) and notes == []
     args, notes = preset()  # GradScale off: the method's defaults
     assert (args.warmup, args.lr) == (10, 0.3) and notes == []
+    args, notes = preset("--power=1", "--lr=0.1")  # the --flag=value spelling counts as typed too
+    assert (args.warmup, args.lr) == (100, 0.1) and notes == ["GradScale preset: --warmup 100 (type either flag to override)"]
 
 
 def test_device_choice_with_availability_mocked(monkeypatch):
@@ -203,6 +208,6 @@ def test_device_choice_with_availability_mocked(monkeypatch):
     assert common.pick_device("auto") == (torch.device("cpu"), "cpu (no CUDA or MPS found)")
     for name, says in [("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("mps", "no Apple MPS GPU"),
                        ("tpu", "not a device name")]:
-        with pytest.raises(common.UsageError, match=says):
+        with pytest.raises(safety.UsageError, match=says):
             common.pick_device(name)
     assert common.autocast(torch.device("mps")).__class__.__name__ == "nullcontext"  # autocast on CUDA only

@@ -39,6 +39,8 @@ def test_gathered_negatives_gradient(tmp_path):
 @pytest.mark.parametrize("method", ["simclr", "moco-v3", "moco-v2"])
 def test_two_processes_take_the_same_steps_as_one(method, tmp_path):
     one, two = one_and_two(method, tmp_path)
+    if method == "moco-v2":  # --bn-splits 2 imitates 2 GPUs in one process; each of 2 ranks is one, with plain BN
+        assert set(one.pop("bn_splits").tolist()) == {2} and set(two.pop("bn_splits").tolist()) == {1}
     assert one.keys() == two.keys()
     # float32 sums in another order drift by ~1e-5 over two steps; per-rank instead of
     # global batch norm, for comparison, is off by ~3e-2.
@@ -71,6 +73,15 @@ def test_every_script_trains_under_torchrun(script, tmp_path):
     assert shifts and all(ckpt["model"][n].abs().sum() > 0 for n in shifts), "a BN shift never trained"
     import eval_knn  # in-process: the subprocess path of eval_knn.py is tested elsewhere
     assert 0 <= eval_knn.main([str(out / "last.pt"), "--device", "cpu", "--k", "5"])["knn_top1"] <= 100
+
+
+def test_bn_splits_are_checked_per_rank(monkeypatch):
+    import common
+    import moco
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, before the process group exists
+    assert common.validate(moco.Args(batch_size=8, queue=32)) is None  # 4 images and 8 // 2 = 4 splits per rank
+    assert "the 6 images per rank and micro-batch must be a multiple of --bn-splits 8 // 2 ranks = 4; change" in \
+        common.validate(moco.Args(batch_size=12, queue=32))
 
 
 def test_batch_must_split_evenly_over_ranks(tmp_path):

@@ -1,8 +1,8 @@
-"""The figures and files of eval_knn.py, as a newcomer meets them: every figure says what it
-shows (title), with units on its axes, the number of images behind each bar or point and
-its headline statistic, or why there is none; --compare legends name each run's settings;
-epoch ticks are whole numbers; every command prints the files it wrote; a damaged
-metrics.jsonl is read around. Figure checks read the matplotlib objects, not pixels, and
+"""The figures and files of eval_knn.py (drawn by eval_extras.py), as a newcomer meets them:
+every figure says what it shows (title), with units on its axes, the number of images behind
+each bar or point and its headline statistic, or why there is none; --compare legends name
+each run's settings; epoch ticks are whole numbers; every command prints the files it wrote;
+a damaged metrics.jsonl is read around. Figure checks read the matplotlib objects, not pixels, and
 are skipped where matplotlib (optional) is missing."""
 import importlib.util
 import json
@@ -14,7 +14,8 @@ import torch
 
 from test_human import tiny_checkpoint
 
-import common
+import safety
+import eval_extras as ex
 import eval_knn as ek
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -38,8 +39,8 @@ def check_axes(ax):
 def test_buckets_figure_has_counts_and_spearman():
     norms = torch.tensor([0.5, 1.5, 1.5, 2.5, 2.5, 2.5, 3.5, 3.5, 3.5, 3.5])  # 1, 2, 3, 4 images in bins 0-3
     correct = torch.tensor([0, 0, 1, 0, 1, 1, 1, 1, 1, 1]).bool()
-    r = {"space": "projector", **ek.norm_buckets(norms, correct, bins=4)}
-    ax = ek.figure_buckets(r, CTX).axes[0]
+    r = {"space": "projector", **ek.binned(norms, 100.0 * correct, "accuracy", bins=4)}
+    ax = ex.figure_buckets(r, CTX).axes[0]
     check_axes(ax)
     title = ax.get_title()
     assert CTX in title and "projector features" in title and "numbers: test images per bin" in title
@@ -52,7 +53,7 @@ def test_buckets_figure_has_counts_and_spearman():
 def test_novelty_figure_has_auroc_and_set_sizes():
     r = {"space": "backbone", **ek.novelty(torch.full((6,), 2.0), torch.tensor([2.0, 2.5, 3.0]),
                                           {"noise": torch.tensor([1.0, 1.5])})}
-    ax = ek.figure_novelty(r, CTX).axes[0]
+    ax = ex.figure_novelty(r, CTX).axes[0]
     check_axes(ax)
     assert bar_texts(ax) == ["AUROC 1.00"] and "AUROC" in ax.get_title()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["train\nn=6", "test\nn=3", "noise\nn=2"]
@@ -60,12 +61,14 @@ def test_novelty_figure_has_auroc_and_set_sizes():
 
 @needs_mpl
 def test_classes_figure_says_why_there_is_no_spearman_on_a_balanced_set():
-    balanced = ek.per_class_norms(torch.arange(12.0), torch.arange(12) % 3)
-    ax = ek.figure_classes(balanced, CTX).axes[0]
+    summary = ek.norm_summary(torch.arange(12.0)[:, None], torch.arange(12) % 3, 3)
+    balanced = {"space": "loss", **ek.class_frequency(summary)}  # evaluate() adds the space
+    ax = ex.figure_classes(balanced, CTX).axes[0]
     check_axes(ax)
     assert "balanced set" in ax.get_title() and "rho =" not in ax.get_title()
-    skewed = ek.per_class_norms(torch.tensor([3.0, 3, 3, 2, 2, 1]), torch.tensor([0, 0, 0, 1, 1, 2]))
-    assert "Spearman rho (frequency, norm) = 1.000" in ek.figure_classes(skewed).axes[0].get_title()
+    skewed = {"space": "loss", **ek.class_frequency(ek.norm_summary(torch.tensor([[3.0], [3], [3], [2], [2], [1]]),
+                                                                     torch.tensor([0, 0, 0, 1, 1, 2]), 3))}
+    assert "Spearman rho (frequency, norm) = 1.000" in ex.figure_classes(skewed).axes[0].get_title()
 
 
 @needs_mpl
@@ -77,7 +80,7 @@ def test_human_figure_has_both_panels_with_counts_and_spearman():
     r = {"space": "predictor", "dataset": "cifar10",
          "labels": {"human_label": "aggre_label", **ek.human_agreement(norms, human, clean, bins=4, min_count=10)},
          "entropy": ek.human_entropy(norms, probs, bins=4)}
-    labels_ax, entropy_ax = ek.figure_human(r, CTX).axes
+    labels_ax, entropy_ax = ex.figure_human(r, CTX).axes
     for ax in (labels_ax, entropy_ax):
         check_axes(ax)
         assert CTX in ax.get_title() and "predictor features" in ax.get_title()
@@ -87,13 +90,13 @@ def test_human_figure_has_both_panels_with_counts_and_spearman():
     assert "CIFAR-10H" in entropy_ax.get_title() and "Spearman rho = -0.866" in entropy_ax.get_title()
     # CIFAR-100 has no CIFAR-10H panel.
     one = {k: v for k, v in r.items() if k != "entropy"}
-    assert len(ek.figure_human({**one, "dataset": "cifar100"}).axes) == 1
+    assert len(ex.figure_human({**one, "dataset": "cifar100"}).axes) == 1
 
 
 @needs_mpl
 def test_opposite_figure_has_the_rate_and_the_threshold():
     r = {"space": "projector", **ek.opposite_halves(torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]), bins=4)}
-    ax = ek.figure_opposite(r, CTX).axes[0]
+    ax = ex.figure_opposite(r, CTX).axes[0]
     check_axes(ax)
     assert "opposite-halves rate 40.0% (2 of 5 pairs below cos 0); mean cos 0.000" in ax.get_title()
     assert bar_texts(ax) == ["1", "1", "1", "2"]
@@ -105,9 +108,8 @@ def test_prototypes_figure_labels_classes_with_their_counts(tmp_path):
     labels = torch.arange(30) % 3
     images = torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8)
     png = tmp_path / "grid.png"
-    idx = ek.prototypes(images, torch.rand(30), labels, 3, str(png))
-    r = {"space": "backbone", "png": str(png), "indices": idx.tolist(), "counts": [10, 10, 10]}
-    ax = ek.figure_prototypes(r, CTX).axes[0]
+    r = {"space": "backbone", **ek.prototypes(images, torch.rand(30), labels, 3, str(png))}
+    ax = ex.figure_prototypes(r, CTX).axes[0]
     check_axes(ax)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0 (n=10)", "1 (n=10)", "2 (n=10)"]
 
@@ -123,8 +125,8 @@ def runs_with_settings(tmp_path):
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths.append(str(tmp_path / name))
     with open(os.path.join(paths[0], "args.json"), "w") as fh:
-        json.dump({"format": common.FORMAT, "method": "simclr", "args": {"cut": 3.0, "power": 1.0, "wd": 5e-4}}, fh)
-    torch.save({"format": common.FORMAT, "method": "simsiam", "args": {"cut": 1.0, "power": 0.0, "wd": 1e-4}},
+        json.dump({"format": safety.FORMAT, "method": "simclr", "args": {"cut": 3.0, "power": 1.0, "wd": 5e-4}}, fh)
+    torch.save({"format": safety.FORMAT, "method": "simsiam", "args": {"cut": 1.0, "power": 0.0, "wd": 1e-4}},
                os.path.join(paths[1], "last.pt"))
     (tmp_path / "old" / "args.json").write_text("{not json")  # unreadable: the folder name stays
     return paths
@@ -149,7 +151,7 @@ def test_curves_figure_legend_ticks_and_best_knn(tmp_path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     paths = runs_with_settings(tmp_path)
     result = ek.main(["--compare", *paths[1:]])
-    fig = ek.figure_curves(result["runs"], result["labels"])
+    fig = ex.figure_curves(result["runs"], result["labels"])
     FigureCanvasAgg(fig).draw()  # lays out the ticks
     assert "one point per logged epoch" in fig._suptitle.get_text()
     for ax in fig.axes:
@@ -174,7 +176,7 @@ def test_compare_reads_around_damaged_lines_with_one_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "skipped 5 damaged lines of" in err and "(line 2, 3, 4, ...)" in err
     (tmp_path / "run" / "metrics.jsonl").write_bytes(b"\x00\x00\n{\n")
-    with pytest.raises(common.UsageError, match=r"has no readable metrics line \(2 damaged\)"):
+    with pytest.raises(safety.UsageError, match=r"has no readable metrics line \(2 damaged\)"):
         ek.main(["--compare", str(tmp_path / "run")])
 
 
@@ -204,7 +206,7 @@ def test_no_matplotlib_no_figures_and_a_note(tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     paths = runs_with_settings(tmp_path)
-    assert ek.draw_figures({"runs": ek.compare(paths[:1])}, str(tmp_path / "figs")) is None
+    assert ex.draw_figures(ex.compare(paths[:1]), str(tmp_path / "figs")) is None
     ek.main(["--compare", paths[0], "--figures", str(tmp_path / "figs")])
     captured = capsys.readouterr()
     assert "matplotlib is not installed" in captured.err and "figure:" not in captured.out

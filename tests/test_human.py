@@ -1,8 +1,8 @@
 """The human-confidence analysis of eval_knn.py (paper Fig. 4, middle and right): the
-CIFAR-N and CIFAR-10H files in their published formats, built here in miniature; the loader's
-refusal of anything but integer label arrays; the bucketing and the entropy against hand
-computations; and the command line's one-sentence refusals. A CIFAR checkpoint cannot be
-trained here, so the analysis runs on hand-made norms and labels."""
+CIFAR-N and CIFAR-10H files in their published formats, built here in miniature; the
+loader's (eval_extras.py) refusal of anything but integer label arrays; the bucketing and
+the entropy against hand computations; and the command line's one-sentence refusals. A
+CIFAR checkpoint cannot be trained here, so the analysis runs on hand-made norms and labels."""
 import dataclasses
 import io
 import math
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import safety
+import eval_extras as ex
 import eval_knn as ek
 
 
@@ -43,7 +44,7 @@ def one_hot_probs(labels, num_classes=10):
 def test_loader_reads_both_published_formats(tmp_path):
     clean = np.arange(30) % 10
     path = write_cifar10n(tmp_path, clean, (clean + 1) % 10)
-    d = ek.load_human_labels(path)
+    d = ex.load_human_labels(path)
     assert sorted(d) == sorted(["clean_label", "aggre_label", "worse_label", "random_label1", "random_label2",
                                 "random_label3"])
     assert d["clean_label"].dtype == np.int64 and (d["aggre_label"] == (clean + 1) % 10).all()
@@ -51,7 +52,7 @@ def test_loader_reads_both_published_formats(tmp_path):
     fine = np.arange(40, dtype=np.int64) % 100
     torch.save({"clean_label": fine, "noisy_label": fine[::-1].copy(), "clean_coarse_label": [1, 2],
                 "noisy_coarse_label": [3, 4]}, tmp_path / "CIFAR-100_human.pt")
-    d = ek.load_human_labels(str(tmp_path / "CIFAR-100_human.pt"))
+    d = ex.load_human_labels(str(tmp_path / "CIFAR-100_human.pt"))
     assert (d["noisy_label"] == fine[::-1]).all() and d["noisy_coarse_label"] == [3, 4]
 
 
@@ -68,7 +69,7 @@ def test_loader_reads_files_pickled_under_numpy_1(tmp_path):
                 data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
             dst.writestr(info.filename, data)
     assert "numpy.core.multiarray._reconstruct" in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    assert ek.load_human_labels(str(path))["clean_label"].tolist() == [0, 1, 2, 3, 4]
+    assert ex.load_human_labels(str(path))["clean_label"].tolist() == [0, 1, 2, 3, 4]
 
 
 class Payload:
@@ -84,19 +85,19 @@ class Payload:
 def test_loader_refuses_any_other_global_and_runs_nothing(tmp_path):
     marker = tmp_path / "payload-ran"
     torch.save({"clean_label": np.zeros(3, dtype=np.int64), "x": Payload(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(common.UsageError, match=r"other than integer label arrays \((posix|os|nt)\.system\)"):
-        ek.load_human_labels(str(tmp_path / "evil.pt"))
+    with pytest.raises(safety.UsageError, match=r"other than integer label arrays \((posix|os|nt)\.system\)"):
+        ex.load_human_labels(str(tmp_path / "evil.pt"))
     assert not marker.exists()
     # Other numpy types stay refused too: only int64 arrays can be rebuilt.
     torch.save({"clean_label": np.zeros(3)}, tmp_path / "float.pt")
-    with pytest.raises(common.UsageError, match="Float64DType"):
-        ek.load_human_labels(str(tmp_path / "float.pt"))
+    with pytest.raises(safety.UsageError, match="Float64DType"):
+        ex.load_human_labels(str(tmp_path / "float.pt"))
     (tmp_path / "cut.pt").write_bytes((tmp_path / "evil.pt").read_bytes()[:100])
-    with pytest.raises(common.UsageError, match="not a readable torch file"):
-        ek.load_human_labels(str(tmp_path / "cut.pt"))
+    with pytest.raises(safety.UsageError, match="not a readable torch file"):
+        ex.load_human_labels(str(tmp_path / "cut.pt"))
     torch.save([np.zeros(3, dtype=np.int64)], tmp_path / "list.pt")
-    with pytest.raises(common.UsageError, match="holds a list, not the dict"):
-        ek.load_human_labels(str(tmp_path / "list.pt"))
+    with pytest.raises(safety.UsageError, match="holds a list, not the dict"):
+        ex.load_human_labels(str(tmp_path / "list.pt"))
 
 
 @pytest.mark.parametrize("value, message", [
@@ -108,22 +109,22 @@ def test_loader_refuses_any_other_global_and_runs_nothing(tmp_path):
     (np.array([0, 1, 2, 3, 4, -1]), "outside 0..9"),
 ])
 def test_label_arrays_are_checked(value, message):
-    with pytest.raises(common.UsageError, match=message):
-        ek.label_array({"clean_label": value}, "clean_label", "f.pt", 6, 10)
-    good = ek.label_array({"clean_label": np.arange(6, dtype=np.int64)}, "clean_label", "f.pt", 6, 10)
+    with pytest.raises(safety.UsageError, match=message):
+        ex.label_array({"clean_label": value}, "clean_label", "f.pt", 6, 10)
+    good = ex.label_array({"clean_label": np.arange(6, dtype=np.int64)}, "clean_label", "f.pt", 6, 10)
     assert good.dtype == torch.int64 and good.tolist() == list(range(6))
 
 
 def test_cifar10h_file_is_checked(tmp_path):
     probs = one_hot_probs(np.arange(8) % 10)
-    assert torch.equal(ek.load_human_probs(write_cifar10h(tmp_path, probs), 8), torch.from_numpy(probs))
+    assert torch.equal(ex.load_human_probs(write_cifar10h(tmp_path, probs), 8), torch.from_numpy(probs))
     for bad, message in [(probs[:7], "should hold 8 x 10 floats"), (probs[:, :9], "should hold 8 x 10"),
                          (probs * 0.5, "not probability distributions"), (-probs, "not probability")]:
-        with pytest.raises(common.UsageError, match=message):
-            ek.load_human_probs(write_cifar10h(tmp_path, bad), 8)
+        with pytest.raises(safety.UsageError, match=message):
+            ex.load_human_probs(write_cifar10h(tmp_path, bad), 8)
     np.save(tmp_path / "cifar10h-probs.npy", np.array([{"a": 1}], dtype=object))  # a pickled object array
-    with pytest.raises(common.UsageError, match="not a plain .npy array"):
-        ek.load_human_probs(str(tmp_path / "cifar10h-probs.npy"), 8)
+    with pytest.raises(safety.UsageError, match="not a plain .npy array"):
+        ex.load_human_probs(str(tmp_path / "cifar10h-probs.npy"), 8)
 
 
 # ----------------------------------------------------------------------------- the numbers
@@ -149,11 +150,12 @@ def test_agreement_buckets_by_hand():
 def test_entropy_closed_forms():
     probs = torch.tensor([[0.1] * 10, [1.0] + [0.0] * 9, [0.5, 0.25, 0.25] + [0.0] * 7, [0.3, 0.7] + [0.0] * 8],
                          dtype=torch.float64)
-    h = ek.label_entropy(probs)
+    r = ek.human_entropy(torch.tensor([0.5, 1.5, 2.5, 3.5]), probs, bins=4, min_count=1)  # one image per bin
     binary = -(0.3 * math.log2(0.3) + 0.7 * math.log2(0.7))
-    assert h.tolist() == pytest.approx([math.log2(10), 0.0, 1.5, binary], abs=1e-12)
+    assert [b["mean_entropy"] for b in r["bins"]] == pytest.approx([math.log2(10), 0.0, 1.5, binary], abs=1e-12)
     # CIFAR-10H counts -> probs: 50 raters split 25/25 is exactly one bit.
-    assert ek.label_entropy(torch.tensor([[25, 25, 0]]) / 50.0).item() == pytest.approx(1.0)
+    one = ek.human_entropy(torch.ones(1), torch.tensor([[25, 25, 0]]) / 50.0, bins=1, min_count=1)
+    assert one["mean_entropy"] == pytest.approx(1.0)
 
 
 def test_entropy_falls_with_the_norm():
@@ -187,28 +189,28 @@ def test_human_confidence_reads_checks_and_bins(tmp_path):
     assert r["labels"]["spearman"] > 0.5 and r["entropy"]["spearman"] < -0.5
     assert r["entropy"]["bins"][-1]["mean_entropy"] == pytest.approx(0.0, abs=1e-12)
     # The clean labels must be the run's training labels, in order; 10H must be in test order.
-    with pytest.raises(common.UsageError, match="not the cifar10 training labels in order"):
+    with pytest.raises(safety.UsageError, match="not the cifar10 training labels in order"):
         ek.human_confidence("cifar10", str(tmp_path), train_norms, train_y.flip(0), test_norms, test_y)
-    with pytest.raises(common.UsageError, match="not in CIFAR-10 test order"):
+    with pytest.raises(safety.UsageError, match="not in CIFAR-10 test order"):
         ek.human_confidence("cifar10", str(tmp_path), train_norms, train_y, test_norms, (test_y + 1) % 10)
-    with pytest.raises(common.UsageError, match=f"should hold 'clean_label', {n_train + 1} integer labels"):
+    with pytest.raises(safety.UsageError, match=f"should hold 'clean_label', {n_train + 1} integer labels"):
         ek.human_confidence("cifar10", str(tmp_path), torch.rand(n_train + 1), torch.zeros(n_train + 1), test_norms,
                             test_y)
 
 
 def test_missing_files_say_what_to_fetch_and_where_to_put_it(tmp_path):
-    with pytest.raises(common.UsageError) as e:
-        ek.human_paths("cifar10", str(tmp_path))
+    with pytest.raises(safety.UsageError) as e:
+        ex.human_paths("cifar10", str(tmp_path))
     text = str(e.value)
     assert text.startswith("CIFAR-10_human.pt not found in") and "github.com/UCSC-REAL/cifar-10-100n" in text
     assert "data/ folder" in text and f"into {tmp_path}" in text and "--human-dir" in text
     write_cifar10n(tmp_path, np.zeros(4))
-    with pytest.raises(common.UsageError, match=r"^cifar10h-probs.npy not found .*github.com/jcpeterson/cifar-10h"):
-        ek.human_paths("cifar10", str(tmp_path))
-    with pytest.raises(common.UsageError, match=r"^CIFAR-100_human.pt not found"):
-        ek.human_paths("cifar100", str(tmp_path))
+    with pytest.raises(safety.UsageError, match=r"^cifar10h-probs.npy not found .*github.com/jcpeterson/cifar-10h"):
+        ex.human_paths("cifar10", str(tmp_path))
+    with pytest.raises(safety.UsageError, match=r"^CIFAR-100_human.pt not found"):
+        ex.human_paths("cifar100", str(tmp_path))
     torch.save({}, tmp_path / "CIFAR-100_human.pt")
-    assert ek.human_paths("cifar100", str(tmp_path)) == [str(tmp_path / "CIFAR-100_human.pt")]  # no CIFAR-100H
+    assert ex.human_paths("cifar100", str(tmp_path)) == [str(tmp_path / "CIFAR-100_human.pt")]  # no CIFAR-100H
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -219,7 +221,7 @@ def tiny_checkpoint(path, **flags):
     import simclr
     args = simclr.Args(device="cpu", **flags)
     model = simclr.build_model(args, 16)
-    torch.save({"format": common.FORMAT, "method": "simclr", "args": dataclasses.asdict(args), "epoch": 1,
+    torch.save({"format": safety.FORMAT, "method": "simclr", "args": dataclasses.asdict(args), "epoch": 1,
                 "model": model.state_dict(), "data_stats": [[0.5] * 3, [0.25] * 3], "num_classes": 10,
                 "img_size": 16}, path)
     return str(path)
@@ -227,29 +229,29 @@ def tiny_checkpoint(path, **flags):
 
 def test_cli_refuses_runs_the_human_labels_do_not_fit(tmp_path):
     synthetic = tiny_checkpoint(tmp_path / "synthetic.pt", dataset="synthetic")
-    with pytest.raises(common.UsageError, match="needs a cifar10 or cifar100 run .* trained on synthetic"):
+    with pytest.raises(safety.UsageError, match="needs a cifar10 or cifar100 run .* trained on synthetic"):
         ek.main([synthetic, "--analyses", "human", "--device", "cpu"])
     lt = tiny_checkpoint(tmp_path / "lt.pt", dataset="cifar10-lt")
-    with pytest.raises(common.UsageError, match="trained on cifar10-lt"):
+    with pytest.raises(safety.UsageError, match="trained on cifar10-lt"):
         ek.main([lt, "--analyses", "human", "--device", "cpu"])
     subset = tiny_checkpoint(tmp_path / "subset.pt", dataset="cifar10", subset=64)
-    with pytest.raises(common.UsageError, match="full cifar10 training set .* --subset 64"):
+    with pytest.raises(safety.UsageError, match="full cifar10 training set .* --subset 64"):
         ek.main([subset, "--analyses", "human", "--device", "cpu"])
     excluded = tiny_checkpoint(tmp_path / "excl.pt", dataset="cifar100", exclude_classes="3")
-    with pytest.raises(common.UsageError, match="--exclude-classes"):
+    with pytest.raises(safety.UsageError, match="--exclude-classes"):
         ek.main([excluded, "--analyses", "human", "--device", "cpu"])
 
 
 def test_cli_names_the_missing_file_in_one_line(tmp_path, capsys):
     """A full CIFAR-100 run: the missing file is reported before the dataset (absent here
-    too) is loaded, as one line on stderr with exit status 2 (common.cli, as the script runs)."""
+    too) is loaded, as one line on stderr with exit status 2 (safety.cli, as the script runs)."""
     ckpt = tiny_checkpoint(tmp_path / "c100.pt", dataset="cifar100", data_dir=str(tmp_path / "nodata"))
     argv = [ckpt, "--analyses", "human:loss", "--human-dir", str(tmp_path / "labels"), "--device", "cpu"]
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: ek.main(argv))
+        safety.cli(lambda: ek.main(argv))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: CIFAR-100_human.pt not found in {tmp_path / 'labels'}; download it from "
                           "github.com/UCSC-REAL/cifar-10-100n")
-    with pytest.raises(common.UsageError, match="human, opposite"):  # listed among the analyses
+    with pytest.raises(safety.UsageError, match="human, opposite"):  # listed among the analyses
         ek.main([ckpt, "--analyses", "humans"])

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from conftest import make_run, run_script
 
 import common
+import ddp
+import safety
 import eval_knn
 import moco
 
@@ -21,11 +23,13 @@ TINY = ["--dataset", "synthetic", "--subset", "16", "--batch-size", "16", "--epo
 
 
 def small_args(version="v2", **kw):
-    """Args for a model that builds and runs in well under a second on a CPU."""
+    """Args for a model that builds and runs in well under a second on a CPU, with the
+    version's defaults for the flags not given, as main() gets them."""
     if version == "v2":
-        return moco.resolve(moco.Args(**{"dataset": "synthetic", "queue": 32, "bn_splits": 1, **kw}))
-    return moco.resolve(moco.Args(**{"version": "v3", "dataset": "synthetic", "arch": "vit_tiny", "mlp_dim": 32,
-                                     "proj_dim": 16, **kw}))
+        kw = {"dataset": "synthetic", "queue": 32, "bn_splits": 1, **kw}
+    else:
+        kw = {"version": "v3", "dataset": "synthetic", "arch": "vit_tiny", "mlp_dim": 32, "proj_dim": 16, **kw}
+    return moco.Args(**{**moco.defaults(moco.Args(**kw)), **kw})
 
 
 def images(n=4, size=8):
@@ -85,8 +89,8 @@ def test_momentum_update_is_an_ema_of_the_query_encoder():
 
 
 def test_momentum_schedule():
-    v2 = moco.resolve(small_args(m=-1.0, queue=0))
-    big = moco.resolve(small_args(m=-1.0, queue=0, dataset="imagenet100"))
+    v2 = common.parse_args(moco.Args, moco.__doc__, [], moco.defaults)
+    big = common.parse_args(moco.Args, moco.__doc__, ["--dataset", "imagenet100"], moco.defaults)
     assert [moco.key_momentum(v2, p) for p in (0.0, 0.5, 0.99)] == [0.99] * 3 and v2.queue == 4096
     assert moco.key_momentum(big, 0.3) == 0.999 and big.queue == 65536
     v3 = small_args("v3")
@@ -144,7 +148,7 @@ def test_keys_are_enqueued_once_per_step_after_the_loss():
     moco.train_step(model, opt, [a, b], (lambda x: x, lambda x: x), run, 0)
     losses, keys = [], []
     for x in (a, b):  # the same losses from scratch, with the queue as it was
-        h, q = before(x)
+        h, q, _ = before(x)
         k = F.normalize(before.keys(x), dim=1)
         losses.append(moco.info_nce_queue(q, k, before.queue, args.temperature))
         keys.append(k)
@@ -216,7 +220,7 @@ def test_gradscale_scales_the_gradient_of_q(version):
     # there with power 1 is the plain one times ||q_i|| (GradScale, embedding-norms paper).
     args = small_args(version)
     model = moco.build_model(args, 8)
-    last = model.projector if version == "v2" else model.predictor
+    last = model.projector if version == "v2" else model.predictor[-1]
     x1, x2 = images()
     outputs, grads = [], {}
 
@@ -236,6 +240,22 @@ def test_gradscale_scales_the_gradient_of_q(version):
         torch.testing.assert_close(grads[n + i], grads[i] * outputs[i].norm(dim=1, keepdim=True))
 
 
+def test_v3_vit_logs_the_norm_that_its_last_bn_hides():
+    """On a ViT the predictor ends in BN without affine parameters: the batch mean of ||q||^2 is proj_dim (up to
+    BN's eps) whatever the weights, so cut-init cannot shrink it. The norm before that BN shrinks, and is logged."""
+    x1, x2 = images()
+    logged = []
+    for cut in (1.0, 3.0):
+        args = small_args("v3", cut=cut)
+        model = moco.build_model(args, 8)
+        (_, q1, u1), (_, _, u2) = model(x1), model(x2)
+        assert (q1 ** 2).sum(1).mean().item() == pytest.approx(args.proj_dim, rel=0.05)
+        _, stats, _ = moco.compute_loss(model, x1, x2, args)
+        logged.append(stats["pre_bn_norm_mean"].item())
+        assert logged[-1] == pytest.approx(torch.cat([u1, u2]).norm(dim=1).mean().item(), rel=1e-5)
+    assert logged[1] < logged[0] / 3
+
+
 # ----------------------------------------------------------------------------- cut-init and BN
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
@@ -251,8 +271,19 @@ def test_cut_init_reaches_the_key_encoder_exactly(version):
         assert torch.equal(q, k)
 
 
-def test_split_batchnorm_is_bn_per_sub_batch():
-    bn = moco.SplitBatchNorm(3, splits=4)
+@pytest.mark.parametrize("sync", [False, True])
+def test_split_batchnorm_is_bn_per_sub_batch(sync, tmp_path):
+    """Both paths, the fused one and the summed-over-ranks one (in a world of one process)."""
+    if sync:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        check_split_batchnorm(ddp.SplitBatchNorm(3, splits=4, sync=sync))
+    finally:
+        if sync:
+            torch.distributed.destroy_process_group()
+
+
+def check_split_batchnorm(bn):
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
@@ -276,27 +307,41 @@ def test_shuffled_keys_come_back_in_image_order():
     x = images(8)[0]  # 8! orders, so the shuffle is almost surely not the identity
     torch.testing.assert_close(model.keys(x, shuffle=True), model.keys(x), atol=1e-5, rtol=1e-5)
     split = moco.build_model(small_args(bn_splits=4), 8)
-    assert sum(isinstance(m, moco.SplitBatchNorm) for m in split.key_backbone.modules()) == 20  # every BN of ResNet-18
+    assert sum(isinstance(m, ddp.SplitBatchNorm) for m in split.key_backbone.modules()) == 20  # ResNet-18's BNs
+
+
+@pytest.mark.parametrize("size, low", [(32, 0.2), (64, 0.2), (96, 0.08)])
+def test_v3_crops_from_a_fifth_of_small_images(size, low):
+    # The MoCo v3 code's 8% is an ImageNet setting; at 32 px it leaves ~9 px (its ResNet recipes crop from 20%).
+    assert [v.scale for v in moco.make_views(make_run(small_args("v3"), n=1, size=size))] == [(low, 1.0)] * 2
 
 
 # ----------------------------------------------------------------------------- flags
 
 def test_version_picks_the_defaults():
-    v3 = common.parse_args(moco.Args, moco.__doc__, ["--version=v3"], resolve=moco.resolve)
+    def parse(*argv):
+        return common.parse_args(moco.Args, moco.__doc__, argv, moco.defaults)
+    v3 = parse("--version=v3")
     assert (v3.arch, v3.optimizer, v3.lr, v3.wd, v3.warmup, v3.proj_dim) == ("vit_small", "adamw", 1.5e-4, 0.1, 40, 256)
-    v2 = common.parse_args(moco.Args, moco.__doc__, [], resolve=moco.resolve)
-    typed = common.parse_args(moco.Args, moco.__doc__, ["--version=v3", "--lr", "0.1"], resolve=moco.resolve)
+    v2 = parse()
+    typed = parse("--version=v3", "--lr", "0.1")
     assert typed.lr == 0.1 and typed.wd == 0.1  # a typed flag wins; the rest follow --version
     assert (v2.version, v2.arch, v2.optimizer, v2.lr, v2.warmup, v2.proj_dim) == ("v2", "resnet18", "sgd", 0.03, 0, 128)
+    assert parse("--version", "v3", "--dataset", "imagenet100").m == 0.99  # ImageNet's m and queue are v2's
+    assert parse("--version", "v3", "--preset", "laptop").warmup == 1  # the preset wins over --version
+    gradscale = parse("--version", "v3", "--power", "1")  # GradScale's lr is a sixth of v3's
+    assert gradscale.lr == pytest.approx(1.5e-4 / 6) and gradscale.warmup == 100
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "12"], "must be a multiple of --bn-splits 8"),
     (["--queue", "8"], "--queue 8 must hold at least one batch of 16 keys"),
 ])
-def test_bad_flags_are_one_sentence(flags, message, tmp_path):
-    with pytest.raises(common.UsageError, match=message):
-        moco.main([*TINY, "--out", str(tmp_path / "run"), *flags])
+def test_bad_flags_are_one_sentence(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        safety.cli(lambda: moco.main([*TINY, "--out", str(tmp_path / "run"), *flags]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
 
 
@@ -306,6 +351,9 @@ def train_and_evaluate(tmp_path_factory, *flags):
     out = tmp_path_factory.mktemp("moco")
     r = run_script("moco.py", *TINY, *flags, "--out", str(out))
     assert r.returncode == 0, r.stderr
+    # --accum 2 (v3 only): one warning that a micro-batch's in-batch negatives are fewer.
+    assert r.stderr.count("warning: with --accum 2 each micro-batch of 8 images is its own contrastive batch, "
+                          "with 7 negatives per query instead of 15") == ("--accum" in flags), r.stderr
     line = json.loads(open(out / "metrics.jsonl").read())
     for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):
         assert isinstance(line[key], float) and math.isfinite(line[key]), key
@@ -319,21 +367,22 @@ def train_and_evaluate(tmp_path_factory, *flags):
     analyses = json.load(open(out / "knn.json"))["analyses"]
     assert {k: v["space"] for k, v in analyses.items()} == dict.fromkeys(
         ["buckets", "novelty", "prototypes", "probe", "classes"], loss_space)
-    return out, common.load_checkpoint(str(out / "last.pt"))
+    return out, line, safety.load_checkpoint(str(out / "last.pt"))
 
 
 def test_v2_end_to_end(tmp_path_factory):
-    out, ckpt = train_and_evaluate(tmp_path_factory, "--version", "v2", "--queue", "24", "--cut", "3")
+    out, line, ckpt = train_and_evaluate(tmp_path_factory, "--version", "v2", "--queue", "24", "--cut", "3")
     # One step of 16 keys into 24 slots (the wrap-around is tested above).
     assert int(ckpt["model"]["queue_ptr"]) == 16 and ckpt["model"]["queue"].shape == (24, 128)
     assert ckpt["args"]["m"] == 0.99 and ckpt["args"]["version"] == "v2"
-    with pytest.raises(common.UsageError, match="has no predictor"):
+    with pytest.raises(safety.UsageError, match="has no predictor"):
         eval_knn.main([str(out / "last.pt"), "--device", "cpu", "--space", "predictor"])
 
 
 def test_v3_end_to_end(tmp_path_factory):
-    out, ckpt = train_and_evaluate(tmp_path_factory, "--version", "v3", "--arch", "vit_tiny", "--mlp-dim", "64",
-                                   "--power", "1")
+    out, line, ckpt = train_and_evaluate(tmp_path_factory, "--version", "v3", "--arch", "vit_tiny", "--mlp-dim",
+                                         "64", "--power", "1", "--accum", "2")
+    assert line["pre_bn_norm_mean"] > 0  # the norm before the predictor's final BN, logged on a ViT
     assert ckpt["args"]["optimizer"] == "adamw" and "queue" not in ckpt["model"]
     # AdamW holds state only for trained parameters: not the key encoder, not the patch projection.
     model = moco.build_model(moco.Args(**ckpt["args"]), 16)

@@ -1,7 +1,7 @@
 """Where a line-by-line review against the official code found a difference, the fix and
 its test: MoCo v3's heads, float32 contrastive logits under bf16 autocast, zero-init
-residuals, the warmup notice, and the CPU global batch norm's variance. (The optimizer
-built after the global-BN swap is tested under torchrun in test_ddp.py; one enqueue per
+residuals, the warmup notice, and the CPU synced batch norm's variance. (The optimizer
+built after the BN swap is tested under torchrun in test_ddp.py; one enqueue per
 step under --accum in test_moco.py.)"""
 import torch
 import torch.distributed as dist
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+import ddp
 import moco
 import simclr
 import simsiam
@@ -43,11 +44,11 @@ def official_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
 
 
 def test_moco_v3_heads_match_the_official_builder():
-    vit = moco.build_model(moco.resolve(moco.Args(version="v3", arch="vit_tiny", mlp_dim=64, proj_dim=16)), 16)
+    vit = moco.build_model(moco.Args(version="v3", arch="vit_tiny", mlp_dim=64, proj_dim=16), 16)
     # MoCo_ViT: 3-layer projector and 2-layer predictor, both ending in BN(affine=False).
     assert layers(vit.projector) == official_mlp(3, 192, 64, 16)
     assert layers(vit.predictor) == official_mlp(2, 16, 64, 16)
-    res = moco.build_model(moco.resolve(moco.Args(version="v3", arch="resnet18", mlp_dim=64, proj_dim=16)), 16)
+    res = moco.build_model(moco.Args(version="v3", arch="resnet18", mlp_dim=64, proj_dim=16), 16)
     # MoCo_ResNet: 2-layer projector ending in BN, 2-layer predictor without the final BN.
     assert layers(res.projector) == official_mlp(2, 512, 64, 16)
     assert layers(res.predictor) == official_mlp(2, 16, 64, 16, last_bn=False)
@@ -98,11 +99,11 @@ def test_a_run_that_never_leaves_warmup_says_so(tmp_path, capsys):
     assert '"warmup": 100' in (tmp_path / "run" / "args.json").read_text()  # args.json shows the values used
 
 
-def test_global_batchnorm_variance_is_exact_for_large_activations(tmp_path):
+def test_synced_batchnorm_variance_is_exact_for_large_activations(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         x = (1e3 + torch.randn(256, 4, generator=torch.Generator().manual_seed(0))).requires_grad_()
-        bn = common.GlobalBatchNorm(4)
+        bn = ddp.SplitBatchNorm(4, sync=True)  # statistics summed over the ranks, here one
         y = bn(x)
         var = torch.var(x.detach().double(), dim=0, unbiased=False)
         expected = (x.detach().double() - x.detach().double().mean(0)) / torch.sqrt(var + bn.eps)

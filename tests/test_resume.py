@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import safety
 import eval_knn
 import simclr
 from conftest import ROOT, run_script
@@ -45,10 +46,10 @@ def kill_after_epoch(argv, folder, epoch, timeout=600, env=None):
         if proc.poll() is not None:
             pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()}")
         last = folder / "last.pt"
-        if last.exists() and common.load_checkpoint(str(last))["epoch"] >= epoch:
+        if last.exists() and safety.load_checkpoint(str(last))["epoch"] >= epoch:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            return common.load_checkpoint(str(last))["epoch"]
+            return safety.load_checkpoint(str(last))["epoch"]
         time.sleep(0.02)
     proc.kill()
     pytest.fail("timed out waiting for the checkpoint")
@@ -70,7 +71,7 @@ def test_kill_and_resume_is_bitwise_identical(name, tmp_path):
     assert killed_at < 3, "the run finished before the kill; the test proves nothing"
     r = run_script(*script, "--resume", str(part / "last.pt"), threads=1)
     assert r.returncode == 0, r.stderr
-    a, b = common.load_checkpoint(str(whole / "last.pt")), common.load_checkpoint(str(part / "last.pt"))
+    a, b = safety.load_checkpoint(str(whole / "last.pt")), safety.load_checkpoint(str(part / "last.pt"))
     assert a["epoch"] == b["epoch"] == 3
     for k, v in a["model"].items():  # parameters and buffers: EMA targets, queues, BN statistics
         assert torch.equal(v, b["model"][k]), k
@@ -89,7 +90,7 @@ def test_resume_auto_and_more_epochs(tmp_path, capsys):
 
 def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    common.save_atomic({"format": common.FORMAT, "epoch": 1}, path)
+    safety.save_atomic({"format": safety.FORMAT, "epoch": 1}, path)
 
     def dies_halfway(obj, fh):
         fh.write(b"PK\x03\x04 half a zip file")
@@ -97,20 +98,20 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        common.save_atomic({"format": common.FORMAT, "epoch": 2}, path)
+        safety.save_atomic({"format": safety.FORMAT, "epoch": 2}, path)
     monkeypatch.undo()
-    assert common.load_checkpoint(path)["epoch"] == 1
+    assert safety.load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
     # A temporary file left by a SIGKILL (which no finally block survives) does not matter either.
     (tmp_path / "last.pt.tmp999").write_bytes(b"PK\x03\x04 garbage")
-    assert common.load_checkpoint(path)["epoch"] == 1
+    assert safety.load_checkpoint(path)["epoch"] == 1
 
 
 def evil_checkpoint(path):
     class Evil:
         def __reduce__(self):
             return (os.system, ("touch " + str(path) + ".pwned",))
-    torch.save({"format": common.FORMAT, "method": "simclr", "x": Evil()}, str(path))
+    torch.save({"format": safety.FORMAT, "method": "simclr", "x": Evil()}, str(path))
 
 
 def test_pickled_code_is_refused_by_resume_and_eval(tmp_path):
@@ -165,7 +166,7 @@ def run_in_process(argv, capsys):
     module = {"simclr.py": simclr, "eval_knn.py": eval_knn}[argv[0]]
     capsys.readouterr()
     try:
-        common.cli(lambda: module.main(argv[1:]))
+        safety.cli(lambda: module.main(argv[1:]))
         code = 0
     except SystemExit as e:
         code = e.code
@@ -204,4 +205,4 @@ def test_resuming_an_older_checkpoint_would_not_overwrite_last(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_script("simclr.py", "--resume", str(out / "epoch1.pt"))
     assert r.returncode == 2 and "would overwrite" in r.stderr
-    assert common.load_checkpoint(str(out / "last.pt"))["epoch"] == 2
+    assert safety.load_checkpoint(str(out / "last.pt"))["epoch"] == 2

@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import make_run, run_script
 
-import common
+import safety
+import simclr
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--device", "cpu", "--width", "16"]
@@ -17,7 +18,7 @@ TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--dev
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "simclr"
     r = run_script("simclr.py", *TINY, "--epochs", "2", "--knn-every", "1", "--save-every", "2",
-                   "--cut", "3", "--power", "1", "--out", str(out))
+                   "--cut", "3", "--power", "1", "--accum", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -36,10 +37,20 @@ def test_training_writes_metrics_and_checkpoints(trained):
     # default 0.3, warms up linearly over 100 epochs of 4 steps: 0.05 * 16/256 * step/400.
     assert lines[1]["lr"] == pytest.approx(0.05 * 16 / 256 * 8 / 400)
     assert "GradScale preset: --warmup 100 --lr 0.05" in r.stderr
-    ckpt = common.load_checkpoint(str(out / "last.pt"))
+    # --accum 2: one warning that each micro-batch has the negatives of its own 8 images, not the batch's 16.
+    assert r.stderr.count("warning: with --accum 2 each micro-batch of 8 images is its own contrastive batch, with "
+                          "14 negatives per view instead of 30, while the lr is scaled for the full batch") == 1
+    ckpt = safety.load_checkpoint(str(out / "last.pt"))
     assert ckpt["method"] == "simclr" and ckpt["epoch"] == 2 and ckpt["args"]["cut"] == 3.0
     assert "projector.2.weight" in ckpt["model"] and "state" in ckpt["optimizer"]
     assert "epoch=2" in r.stdout and "knn_top1=" in r.stdout
+
+
+@pytest.mark.parametrize("size, jitter", [(32, (0.4, 0.4, 0.4, 0.1)), (64, (0.4, 0.4, 0.4, 0.1)),
+                                          (96, (0.8, 0.8, 0.8, 0.2))])
+def test_colour_jitter_strength_follows_the_image_size(size, jitter):
+    # SimCLR paper, App. A: strength 0.5 in its CIFAR setting, 1.0 in its ImageNet one.
+    assert [v.jitter for v in simclr.make_views(make_run(simclr.Args(), n=1, size=size))] == [jitter] * 2
 
 
 def test_eval_knn_reads_the_checkpoint(trained, tmp_path):

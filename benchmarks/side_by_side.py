@@ -13,7 +13,6 @@ configuration names every process it uses. Epoch 1 (no k-NN in it) is timed, the
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -58,11 +57,12 @@ def epoch_seconds(script, threads, workers, a, folder):
 def main(argv=None):
     a = parse(argv)
     import torch
-    result = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    from laptop import cpu_model
+    result = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
               "command": "python benchmarks/side_by_side.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "configs": []}
-    print(f"| threads | plain workers | simsiam.py s/epoch | plain s/epoch | ratio (plain / simsiam.py) |\n"
-          f"| --- | --- | --- | --- | --- |", flush=True)
+    print("| threads | plain workers | simsiam.py s/epoch | plain s/epoch | ratio (plain / simsiam.py) |\n"
+          "| --- | --- | --- | --- | --- |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for config in a.configs.split(","):
             threads, workers = map(int, config.split(":"))

@@ -347,7 +347,7 @@ def embed(model, x, mean, std, space="backbone", batch_size=1024):
         batch = normalize(x[i: i + batch_size].to(device), mean, std)
         if device.type == "cuda":
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        with autocast(device, "bf16" if amp_dtype(device) == torch.bfloat16 else "fp32"):  # fp16 overflows
             out.append(features(model, batch, space).float())
     model.train(was_training)
     return torch.cat(out)

@@ -252,7 +252,7 @@ def positive_pair_cosines(model, x, augment, space, seed=0, batch_size=512):
         torch.manual_seed(seed)
         for batch in x.to(device).split(batch_size):
             x1, x2 = augment(batch), augment(batch)  # (B, 3, H, W) each, normalized
-            with common.autocast(device):
+            with common.autocast(device, "bf16" if common.amp_dtype(device) == torch.bfloat16 else "fp32"):
                 e1, e2 = common.features(model, x1, space), common.features(model, x2, space)
             cos.append(F.cosine_similarity(e1.float(), e2.float(), dim=1).cpu())  # (B,)
     model.train(was_training)

@@ -17,7 +17,6 @@ processes come on top); the exact command is stored with its row. Workers side b
 take different --seeds (or --rows): each skips only the rows the json held when it started.
 """
 import argparse
-import fcntl
 import os
 import shlex
 import statistics
@@ -26,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from laptop import ROOT, cpu_model, load, save  # noqa: E402
+from laptop import ROOT, add_row, cpu_model, load  # noqa: E402
 
 # name -> (script and flags after --preset laptop, the change, what the official SimSiam code
 # (github.com/facebookresearch/simsiam, main_simsiam.py and builder.py) does there).
@@ -66,20 +65,6 @@ def parse(argv=None):
     if unknown:
         p.error(f"--rows {','.join(sorted(unknown))}: not in the grid ({', '.join(ROWS)})")
     return a
-
-
-def add_row(row, path):
-    """Add one row to the json and return its content; read again under a lock, so that
-    workers running side by side keep each other's rows."""
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        result = load(path)
-        result["rows"] = [r for r in result["rows"] if (r["name"], r["seed"]) != (row["name"], row["seed"])]
-        result["rows"].append(row)
-        result["rows"].sort(key=lambda r: (list(ROWS).index(r["name"]) if r["name"] in ROWS else len(ROWS),
-                                           r["name"], r["seed"]))
-        save(result, path)
-    return result
 
 
 def run_one(name, seed, a):
@@ -150,7 +135,7 @@ def main(argv=None):
             if (name, seed) in done:
                 continue
             try:
-                result = add_row(run_one(name, seed, a), path)
+                result = add_row(run_one(name, seed, a), path, ROWS)
             except subprocess.CalledProcessError as e:  # one broken row does not stop the others
                 failed.append(f"{name} seed {seed} (exit status {e.returncode})")
                 print(f"{name} seed {seed} failed; the grid goes on", file=sys.stderr, flush=True)

@@ -82,15 +82,17 @@ def save(result, path):
     os.replace(tmp, path)
 
 
-def add_row(row, path):
-    """Adds one row to laptop.json and returns the file's rows. The file is read again under a
-    lock, so that workers running different seeds side by side keep each other's rows."""
+def add_row(row, path, order=GRID):
+    """Adds one row to a grid's json (rows sorted by `order`, then seed) and returns the file's rows.
+    The file is read again under a lock, so that workers running side by side keep each other's rows."""
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = load(path)
         result["rows"] = [r for r in result["rows"] if (r["name"], r["seed"]) != (row["name"], row["seed"])]
         result["rows"].append(row)
-        result["rows"].sort(key=lambda r: (list(GRID).index(r["name"]), r["seed"]))
+        names = list(order)
+        result["rows"].sort(key=lambda r: (names.index(r["name"]) if r["name"] in names else len(names),
+                                           r["name"], r["seed"]))
         save(result, path)
     return result
 

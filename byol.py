@@ -47,8 +47,7 @@ class Args(common.Args):
                                 "0.99 as in the norms paper, BYOL's ImageNet runs use 0.996)", low=0, high=1)
     hidden_dim: int = arg(4096, "hidden width of the projector and predictor MLPs (BYOL paper, Sec. 3.3)",
                           positive=True)
-    proj_dim: int = arg(256, "output dimension of the projector and predictor (BYOL paper, Sec. 3.3)",
-                        positive=True)
+    proj_dim: int = arg(256, "output dimension of the projector and predictor (BYOL paper, Sec. 3.3)", positive=True)
 
 
 # ----------------------------------------------------------------------------- model

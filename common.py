@@ -232,16 +232,17 @@ def autocast(device, precision="auto"):
 
 # ----------------------------------------------------------------------------- networks
 
+VITS = {"vit_tiny": (192, 3), "vit_small": (384, 12)}  # (width, heads) as DeiT's, but ViT-S with MoCo v3's 12 heads
+
+
 def make_backbone(args, img_size):
-    """(module, feature dim) of --arch: a torchvision ResNet without its fc, or a ViT without its
-    head (it returns the class token). At 64 px or less ResNets get the CIFAR stem (3x3 stride-1
-    conv, no max-pool: a 32 px image is not shrunk to 8 px) and ViTs patch 4 (16 above)."""
+    """(module, feature dim) of --arch: a torchvision ResNet without its fc, or a ViT (12 blocks, MLP 4x: DeiT,
+    Touvron et al. 2021, Table 1) that returns its class token. At 64 px or less ResNets get the CIFAR stem (3x3
+    stride-1 conv, no max-pool: a 32 px image is not shrunk to 8 px) and ViTs patch 4 (16 above)."""
     import torchvision  # here, not at the top: importing it costs ~2 s, and a bad flag should fail fast
     arch = args.arch
-    # (width, heads), 12 blocks, MLP 4x (DeiT, Touvron et al. 2021, Table 1); ViT-S with MoCo v3's 12 heads, not 6.
-    vits = {"vit_tiny": (192, 3), "vit_small": (384, 12)}
-    if arch in vits:
-        width, heads = vits[arch]
+    if arch in VITS:
+        width, heads = VITS[arch]
         patch = 4 if img_size <= 64 else 16
         if img_size % patch:
             raise UsageError(f"--arch {arch} needs an image size divisible by its patch size {patch} "
@@ -260,8 +261,7 @@ def make_backbone(args, img_size):
     if img_size <= 64:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
+    dim, net.fc = net.fc.in_features, nn.Identity()
     return net, dim
 
 
@@ -493,13 +493,10 @@ class Run:
         self.meter = Meter(self)
         # fp16 overflows where bf16 does not: its gradients are scaled up before backward and
         # down before the step (skipped when they overflowed). Disabled, the scaler is a no-op.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == torch.float16)
+        fp16 = amp_dtype(self.device, self.args.precision) == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.started = self.epoch_start = time.time()
         self.last_line = None  # the newest metrics line
-
-    @property
-    def precision(self):
-        return amp_dtype(self.device, self.args.precision)
 
     @property
     def steps_per_epoch(self):
@@ -575,7 +572,7 @@ class Run:
 def start(method, args):
     """Everything before the model exists: join torchrun's process group, open the run folder (new or
     resumed; safety.py), pick the device, seed, load the data; print the start line (rank 0 only)."""
-    rank, size, local_rank = init_distributed()
+    rank, size, local_rank = init_distributed(torch.cuda.is_available() and args.device not in ("cpu", "mps"))
     args, ckpt, folder, notes = safety.open_folder(method, args)
     if args.batch_size % (size * args.accum) or args.batch_size // (size * args.accum) < 2:
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of {size} processes x --accum "
@@ -656,7 +653,8 @@ def end_epoch(run, model, optimizer, epoch):
             "step": done * run.steps_per_epoch, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
             "data_stats": [run.mean, run.std],
-            "num_classes": run.data.num_classes, "img_size": run.data.size, "metrics": line}
+            "num_classes": run.data.num_classes, "img_size": run.data.size, "metrics": line,
+            "vit_heads": VITS[args.arch][1] if args.arch in VITS else None}
     save_atomic(ckpt, os.path.join(run.folder, "last.pt"))
     safety.STATUS["saved"] = done
     if args.save_every and done % args.save_every == 0:

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def init_distributed():
-    """Join the process group torchrun describes; returns (rank, world size, local rank)."""
+def init_distributed(cuda):
+    """Join torchrun's process group (NCCL for a run on CUDA, else gloo); returns (rank, world size, local rank)."""
     if "RANK" not in os.environ:
         return 0, 1, 0
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.set_device(local)
     return dist.get_rank(), dist.get_world_size(), local
 
@@ -115,11 +115,11 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def split_batchnorm(module, splits=1, sync=False):
-    """module with every BatchNorm1d/2d swapped for a SplitBatchNorm; sync only under torchrun (CUDA: SyncBatchNorm)."""
+    """module with every BatchNorm1d/2d swapped for a SplitBatchNorm; sync only under torchrun (NCCL: SyncBatchNorm)."""
     sync = sync and world()[1] > 1
     if splits == 1 and not sync:
         return module
-    if splits == 1 and torch.cuda.is_available():
+    if splits == 1 and dist.get_backend() == "nccl":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):

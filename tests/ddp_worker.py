@@ -16,7 +16,7 @@ B = 8  # the global batch
 
 
 def main(method, out):
-    rank, size, _ = ddp.init_distributed()
+    rank, size, _ = ddp.init_distributed(cuda=False)
     b = B // size
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(B, 3, 16, 16, generator=g), torch.randn(B, 3, 16, 16, generator=g)

@@ -89,3 +89,50 @@ def test_batch_must_split_evenly_over_ranks(tmp_path):
                    "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run"), threads=ONE)
     assert r.returncode != 0 and "must be a multiple of 2 processes" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+class Nccl(Exception):
+    pass
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("auto", "nccl")])
+def test_the_backend_follows_the_device_not_the_machine(device, backend, monkeypatch, tmp_path):
+    """torchrun ... --device cpu on a CUDA machine: gloo and the CPU global batch norm, where NCCL
+    (which cannot reduce CPU tensors) and SyncBatchNorm (no CPU kernel) would fail inside torch."""
+    import socket
+
+    import torch.distributed as dist
+
+    import common
+    import ddp
+    import simclr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    real, asked = dist.init_process_group, []
+
+    def init(name):
+        asked.append(name)
+        if name == "nccl":
+            raise Nccl  # this CPU machine has no NCCL to start
+        real(name)
+    monkeypatch.setattr(dist, "init_process_group", init)
+    args = common.parse_args(simclr.Args, "", ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16",
+                                               "--device", device, "--out", str(tmp_path / "r")])
+    try:
+        if backend == "nccl":
+            with pytest.raises(Nccl):
+                common.start("simclr", args)
+        else:
+            run = common.start("simclr", args)
+            assert run.device.type == "cpu" and dist.get_backend() == "gloo"
+            monkeypatch.setattr(ddp, "world", lambda: (0, 2))  # as on 2 ranks
+            bn = ddp.split_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(4)), sync=True)[0]
+            assert type(bn) is ddp.SplitBatchNorm and bn.sync
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert asked == [backend]

@@ -50,6 +50,7 @@ def load_model(path, device="cpu"):
     module = importlib.import_module(ckpt["method"])  # the script that wrote it, e.g. simclr.py
     args = safety.check_args(ckpt["args"], module.Args, path)
     ckpt["args"] = {**ckpt["args"], **vars(args)}  # evaluate() reads the flags from here; fill in missing ones
+    import torchvision  # noqa: F401 -- first imported inside the meta context below, it fails on torch 2.7
     try:
         with torch.device("meta"):  # no memory: a crafted 10^12-wide projector allocates nothing
             shapes = module.build_model(args, ckpt["img_size"])

@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from laptop import ROOT, add_row, cpu_model, load  # noqa: E402
+from laptop import ROOT, add_row, cpu_model, load, train  # noqa: E402
 
 # name -> (script and flags after --preset laptop, the change, what the official SimSiam code
 # (github.com/facebookresearch/simsiam, main_simsiam.py and builder.py) does there).
@@ -75,13 +75,7 @@ def run_one(name, seed, a):
     workers = ["--workers", str(a.workers)] if "plain_pipeline" in script[0] else []
     flags = [*script, "--preset", "laptop", "--seed", str(seed), *workers,
              *(["--epochs", str(a.epochs)] if a.epochs else []), *shlex.split(a.extra), "--out", folder]
-    # A folder from an interrupted call: continue it (from epoch 0 if it has no checkpoint yet).
-    resume = ["--resume", "auto"] if os.path.isdir(folder) else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    command = f"OMP_NUM_THREADS={a.threads} python {shlex.join(flags)}"
-    print(f"[{time.strftime('%H:%M:%S')}] {command}", flush=True)
-    t0 = time.time()
-    subprocess.run([sys.executable, *flags, *resume], cwd=ROOT, env=env, check=True)
+    command, minutes = train(flags, folder, a.threads)
     import safety  # here, not at the top: --table needs no torch
     import torch
     lines, _ = safety.read_jsonl(os.path.join(folder, "metrics.jsonl"))
@@ -91,7 +85,7 @@ def run_one(name, seed, a):
             "norm_per_epoch": [round(line["emb_norm_mean"], 4) for line in lines],
             # minutes: this call's wall time (the rest only, for a resumed run); train_minutes: the
             # epochs' own time from metrics.jsonl; seconds_per_epoch: their median, k-NN epoch included.
-            "minutes": round((time.time() - t0) / 60, 2), "train_minutes": round(sum(seconds) / 60, 2),
+            "minutes": round(minutes, 2), "train_minutes": round(sum(seconds) / 60, 2),
             "seconds_per_epoch": round(statistics.median(seconds), 2),
             "cpu": cpu_model(), "threads": a.threads, "workers": a.workers if workers else 0,
             "torch": torch.__version__, "command": command}

@@ -97,19 +97,26 @@ def add_row(row, path, order=GRID):
     return result
 
 
+def train(flags, folder, threads):
+    """Run `python *flags` (a method script writing into folder) at `threads` intra-op threads, continuing the
+    folder an interrupted call left (from epoch 0 if it has no checkpoint yet). Returns (the command as a user
+    would type it, this call's wall time in minutes)."""
+    resume = ["--resume", "auto"] if os.path.isdir(folder) else []
+    command = f"OMP_NUM_THREADS={threads} python {shlex.join(flags)}"
+    print(f"[{time.strftime('%H:%M:%S')}] {command}", flush=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, *flags, *resume], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                   check=True)
+    return command, (time.time() - t0) / 60
+
+
 def run_one(name, seed, a):
     """Train (or finish training) one run and evaluate it; returns its row."""
     script, claim = GRID[name]
     folder = os.path.join(a.out, "laptop", f"{name}-s{seed}")
     flags = [*script, "--preset", "laptop", "--seed", str(seed), *script_flags(a), "--out", folder]
-    # A folder from an interrupted call: continue it (from epoch 0 if it has no checkpoint yet).
-    resume = ["--resume", "auto"] if os.path.isdir(folder) else []
+    command, minutes = train(flags, folder, a.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    command = f"OMP_NUM_THREADS={a.threads} python {shlex.join(flags)}"
-    print(f"[{time.strftime('%H:%M:%S')}] {command}", flush=True)
-    t0 = time.time()
-    subprocess.run([sys.executable, *flags, *resume], cwd=ROOT, env=env, check=True)
-    minutes = (time.time() - t0) / 60
     report = os.path.join(folder, "eval.json")
     subprocess.run([sys.executable, "eval_knn.py", os.path.join(folder, "last.pt"), "--analyses",
                     "buckets,novelty", "--space", "loss", "--json", report], cwd=ROOT, env=env, check=True,

@@ -570,14 +570,14 @@ class Run:
 
 
 def start(method, args):
-    """Everything before the model exists: join torchrun's process group, open the run folder (new or
-    resumed; safety.py), pick the device, seed, load the data; print the start line (rank 0 only)."""
-    rank, size, local_rank = init_distributed(torch.cuda.is_available() and args.device not in ("cpu", "mps"))
+    """Everything before the model exists: open the run folder (new or resumed; safety.py), pick the device,
+    join torchrun's process group (NCCL for CUDA), seed, load the data; print the start line (rank 0 only)."""
     args, ckpt, folder, notes = safety.open_folder(method, args)
+    device, why = pick_device(args.device)
+    rank, size, local_rank = init_distributed(device.type == "cuda")
     if args.batch_size % (size * args.accum) or args.batch_size // (size * args.accum) < 2:
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of {size} processes x --accum "
                          f"{args.accum}, with micro-batches of 2 or more images for batch norm")
-    device, why = pick_device(args.device)
     if size > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process
     if device.type == "mps" and args.precision in ("bf16", "fp16"):

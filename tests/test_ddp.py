@@ -112,6 +112,7 @@ def test_the_backend_follows_the_device_not_the_machine(device, backend, monkeyp
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "a mocked GPU")
     real, asked = dist.init_process_group, []
 
     def init(name):

@@ -202,8 +202,7 @@ CURVES = {"loss": ("training loss", "loss (mean over the epoch's steps)"),  # me
 
 
 def read_metrics(path):
-    """The per-epoch lines of a run's metrics.jsonl; of an epoch logged twice (a resumed run) the later.
-    Damaged lines (a run killed mid-write leaves half a line) are skipped with one warning."""
+    """A run's metrics.jsonl, a row per epoch (of one logged twice by a resume, the later); damaged lines skipped."""
     if not os.path.exists(path):
         raise safety.UsageError(f"run {path} does not exist; pass run folders written by a method script")
     file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path

@@ -87,7 +87,7 @@ def print_table(title, rows):
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
 
 
-def save(out, name, result, draw=None):
+def save(out, name, result, draw):
     """Write out/name.csv (rows), .json (all) and, if matplotlib imports, .png by draw(plt); print, return the paths."""
     os.makedirs(out, exist_ok=True)
     rows, paths = result["rows"], [os.path.join(out, f"{name}.{ext}") for ext in ("csv", "json")]
@@ -95,31 +95,29 @@ def save(out, name, result, draw=None):
         csv.writer(f).writerows([list(rows[0]), *([r[k] for k in rows[0]] for r in rows)])
     with open(paths[1], "w") as f:
         json.dump(result, f, indent=1)
-    if draw is not None:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")  # no display needed
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print(f"no {name}.png: matplotlib is not installed (`pip install matplotlib` to draw it)")
-        else:
-            fig = draw(plt)
-            fig.tight_layout()
-            paths.append(os.path.join(out, f"{name}.png"))
-            fig.savefig(paths[-1], dpi=120)
-            plt.close(fig)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no {name}.png: matplotlib is not installed (`pip install matplotlib` to draw it)")
+    else:
+        fig = draw(plt)
+        fig.tight_layout()
+        paths.append(os.path.join(out, f"{name}.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     print("wrote " + ", ".join(paths))
     return paths
 
 
-def decorate(ax, title, xlabel, ylabel, headline, legend="best", corner="upper left", title_size=9, **legend_kw):
+def decorate(ax, title, xlabel, ylabel, headline, legend="best", corner="left", title_size=9, **legend_kw):
     """Issue 17's figure rules: units on the axes, the n in the legend, the headline boxed; a PNG must read alone."""
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.title.set_fontsize(title_size or ax.title.get_fontsize())
     ax.legend(fontsize=7, loc=legend, **legend_kw)
-    x, ha = (0.03, "left") if "left" in corner else (0.97, "right")
-    y, va = (0.97, "top") if "upper" in corner else (0.03, "bottom")
-    ax.text(x, y, headline, transform=ax.transAxes, ha=ha, va=va, fontsize=7,
+    x, ha = (0.03, "left") if corner == "left" else (0.97, "right")  # always the top corner
+    ax.text(x, 0.97, headline, transform=ax.transAxes, ha=ha, va="top", fontsize=7,
             bbox=dict(boxstyle="round", fc="white", ec="0.6", alpha=0.9))
 
 
@@ -223,7 +221,7 @@ def sim_gradients(quick=False):
         decorate(ax, "Prop 3.1: the cos-sim gradient has length sin(phi) / |z_i|", "embedding norm |z_i| (unitless)",
                  "|grad cos(z_i, z_j)| / sin(phi) (unitless)",
                  f"max | |grad| |z_i| / sin(phi) - 1 | = {rows[1]['max_dev']:.1e}\n"
-                 f"max |cos(grad, z_i)| = {rows[2]['max_dev']:.1e}", legend="lower left", corner="upper right")
+                 f"max |cos(grad, z_i)| = {rows[2]['max_dev']:.1e}", legend="lower left", corner="right")
         return fig
     return dict(rows=rows, n_pairs=n, n_batches=n_batches), draw
 
@@ -324,14 +322,11 @@ def sim_bound(quick=False):
     e1, e2 = torch.linalg.qr(torch.randn(len(grid), 5, 2, dtype=torch.float64)).Q.unbind(-1)
     zi0, zj0 = rho[:, None] * e1, rho[:, None] * (phi.cos()[:, None] * e1 + phi.sin()[:, None] * e2)
     theta = torch.atan(lr * phi.sin() / rho**2)
+    zi1 = zi0 + lr[:, None] * descent(lambda z: -cos(z, zj0), zi0)  # one step of z_i; each cell its own
+    zj1 = zj0 + lr[:, None] * descent(lambda z: -cos(zi0, z), zj0)  # and of z_j, from the same start
     rows = []
-    for m in (1, 2):
-        zi, zj = zi0.clone().requires_grad_(True), zj0.clone().requires_grad_(m == 2)
-        loss = -cos(zi, zj).sum()  # cells are independent: each gets its own gradient
-        grads = torch.autograd.grad(loss, [zi, zj] if m == 2 else [zi])
-        zi_new = zi.detach() - lr[:, None] * grads[0]
-        zj_new = zj.detach() - lr[:, None] * grads[1] if m == 2 else zj0
-        gain = cos(zi_new, zj_new) - phi.cos()  # measured Delta-cos, (M,)
+    for m, zj_new in ((1, zj0), (2, zj1)):  # m points move
+        gain = cos(zi1, zj_new) - phi.cos()  # measured Delta-cos, (M,)
         exact = (phi - m * theta).cos() - phi.cos()
         general, first_order = m * lr * phi.sin() / rho**2, m * lr * phi.sin() ** 2 / rho**2  # the two bounds
         acute, small = phi <= math.pi / 2, lr == min(lrs)
@@ -497,7 +492,7 @@ def sim_density(quick=False):
                  "10-NN cosine distance in latent space (unitless)", "embedding norm |z| (unitless)",
                  f"Spearman rho(norm, 10-NN distance), n = {len(y)}:\n"
                  f"{rows[1]['spearman_latent_knn']:.3f} trained, {rows[0]['spearman_latent_knn']:.3f} untrained",
-                 legend="lower right", corner="upper right", markerscale=3)
+                 legend="lower right", corner="right", markerscale=3)
         return fig
     return dict(rows=rows), draw
 

@@ -186,14 +186,21 @@ def table(rows):
     return "\n".join(out)
 
 
-def figure(rows, path):
-    """k-NN top-1 per grid row (mean and seeds), and the norm per epoch of every run."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None and one line where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("no figure: matplotlib is not installed", file=sys.stderr)
+        print("no figure: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def figure(rows, path):
+    """k-NN top-1 per grid row (mean and seeds), and the norm per epoch of every run."""
+    if (plt := pyplot()) is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     names = [n for n in GRID if any(r["name"] == n for r in rows)]

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -41,6 +42,12 @@ def arg(default, help, choices=None, positive=False, low=None, high=None):
 # dataset-fashion-mnist package, a ResNet-18 of 16 base channels, a short schedule.
 # Measured on 2 cores (benchmarks/README.md): ~215 images/s at width 16, so 5,000 images x 10
 # epochs is about 4 minutes; the k-NN test set is the first 5,000 test images.
+# Compiling costs ~30 s on 2 CPU cores and saved 0.07 s of SimCLR's 0.75 s laptop step, none of SimSiam's
+# (benchmarks/README.md): it earns its time back over ~500 steps, so 1,000 leaves the laptop runs (190) eager.
+COMPILE_STEPS = 1000
+# A SimCLR step of batch 32 at width 64 took 15x as long in bf16 as in fp32 with AVX2 kernels (ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon), and about 60x on an AMD EPYC without AVX-512 (issue 28).
+BF16_SLOWDOWN = "15 to 60 times"
 LAPTOP = dict(dataset="fashionmnist", data_dir="/usr/share/datasets/fashion-mnist", subset=5000, width=16,
               batch_size=256, accum=1, epochs=10, warmup=1, knn_every=0, save_every=0)
 
@@ -86,6 +93,9 @@ class Args:
     precision: str = arg("auto", "autocast: auto is bf16 on CUDA GPUs of compute capability 8+, fp16 with a "
                                  "gradient scaler on older ones (T4, V100), fp32 on CPU and MPS",
                          ("auto", "bf16", "fp16", "fp32"))
+    compile: bool = arg(None, f"torch.compile the training forward (inductor; on the CPU it needs a C++ compiler): "
+                              f"faster steps after 30 s or more of compiling; default: on for runs of {COMPILE_STEPS} "
+                              f"optimizer steps or more, which earn that time back")
 
 
 class Parser(argparse.ArgumentParser):
@@ -112,7 +122,7 @@ def parse_args(cls, doc, argv=None, defaults=None):
                     allow_abbrev=False)  # every typed flag is spelled out, so `given` sees it
     for f in dataclasses.fields(cls):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if isinstance(f.default, bool):
+        if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, choices=meta["choices"],
@@ -344,9 +354,7 @@ def embed(model, x, mean, std, space="backbone", batch_size=1024):
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(x), batch_size):
-        batch = normalize(x[i: i + batch_size].to(device), mean, std)
-        if device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = normalize(x[i: i + batch_size].to(device), mean, std)  # the channels-last first conv converts it
         with autocast(device, "bf16" if amp_dtype(device) == torch.bfloat16 else "fp32"):  # fp16 overflows
             out.append(features(model, batch, space).float())
     model.train(was_training)
@@ -582,8 +590,13 @@ def start(method, args):
         device = torch.device("cuda", local_rank)  # one GPU per process
     if device.type == "mps" and args.precision in ("bf16", "fp16"):
         raise UsageError(f"--precision {args.precision} is not supported on MPS here; use --precision fp32")
+    dtype = amp_dtype(device, args.precision)
     why += {None: ", fp32", torch.bfloat16: ", bf16 autocast", torch.float16: ", fp16 autocast with a gradient "
-            "scaler"}[amp_dtype(device, args.precision)]
+            "scaler"}[dtype]
+    if device.type == "cpu" and dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported()
+                                                                 or torch.cpu._is_amx_tile_supported()):
+        notes.append(f"warning: --precision bf16 on a CPU without native bf16 (AVX-512 BF16 or AMX) is emulated, "
+                     f"{BF16_SLOWDOWN} slower than fp32 (benchmarks/README.md); use --precision fp32")
     # The same seed on every rank: the networks start identical. Augmentations are
     # reseeded per rank and epoch in Run.batches.
     torch.manual_seed(args.seed)
@@ -597,6 +610,7 @@ def start(method, args):
         notes.append(f"warning: --warmup {args.warmup} >= --epochs {args.epochs}, so the lr never leaves its "
                      f"warmup and never reaches its peak; lower --warmup or raise --epochs")
     mean, std = ckpt["data_stats"] if ckpt else channel_stats(data.train_x)
+    args.compile = compile_choice(args.compile, device, len(data.train_x) // args.batch_size * args.epochs, notes)
     if size > 1:
         torch.distributed.barrier()  # every rank has checked the folder before rank 0 creates it
     if rank == 0:
@@ -605,21 +619,35 @@ def start(method, args):
             print(note, file=sys.stderr)
         accum = f" ({args.accum} x {args.batch_size // args.accum})" if args.accum > 1 else ""
         print(f"{method} | {args.dataset}: {len(data.train_x)} train / {len(data.test_x)} test images, "
-              f"{data.size} px | device {why} | batch {args.batch_size}{accum}, peak lr {peak_lr(args):.4g} "
+              f"{data.size} px | device {why}{', compiled' if args.compile else ''} | batch {args.batch_size}{accum}, "
+              f"peak lr {peak_lr(args):.4g} "
               f"(--lr {args.lr:.4g} per 256), warmup {args.warmup} of {args.epochs} epochs | run folder {folder}"
               + (f" | resuming from epoch {ckpt['epoch']}" if ckpt else ""), flush=True)
     return Run(method, args, device, data.to(device), mean, std, folder, ckpt, rank, size)
 
 
+def compile_choice(compile, device, steps, notes):
+    """--compile as typed, else on for runs of COMPILE_STEPS steps or more. Inductor builds C++ kernels on the CPU:
+    without a compiler the run goes on uncompiled, with a warning in notes."""
+    on = compile if compile is not None else steps >= COMPILE_STEPS and device.type != "mps"
+    cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")  # the compiler inductor calls
+    if on and device.type == "cpu" and not shutil.which(cxx):
+        notes.append(f"warning: no C++ compiler ({cxx}) found for torch.compile, so this run goes on uncompiled; "
+                     "install g++ (or set CXX to one), or pass --no-compile")
+        return False
+    return on
+
+
 def prepare(model, run, sync_bn=True):
-    """Ready a freshly built model for training on run's device: under torchrun (with
-    sync_bn) its batch norms use global-batch statistics, and on CUDA it runs channels-last.
+    """Ready a freshly built model for training on run's device: under torchrun (with sync_bn) its batch norms
+    use global-batch statistics; it runs channels-last (faster convolutions on GPUs and CPUs alike), and with
+    --compile its forward is compiled in place, so checkpoints hold the same keys either way (no _orig_mod.).
     Build the optimizer after this, from the returned model: the BN swap makes new modules."""
     if sync_bn:
         model = split_batchnorm(model, sync=True)  # a no-op in one process
-    model.to(run.device)
-    if run.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(run.device, memory_format=torch.channels_last)
+    if run.args.compile:
+        model.compile()  # only model(x), the training forward; k-NN embeds through model.backbone, uncompiled
     return model
 
 

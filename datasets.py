@@ -483,8 +483,7 @@ class Augment:
         stats = self.__dict__.setdefault("_stats", {})
         if dev not in stats:
             stats[dev] = [torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (self.mean, self.std)]
-        x = (x - stats[dev][0]) / stats[dev][1]
-        return x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
+        return (x - stats[dev][0]) / stats[dev][1]  # the channels-last model's first conv makes it channels-last
 
 
 def apply_jitter(x, fb, fc, fs, fh, order, apply=True):

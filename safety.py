@@ -17,7 +17,8 @@ import torch
 FORMAT = "normssl-1"  # marks checkpoints and run folders written by this project
 METHODS = ("simclr", "simsiam", "byol", "moco")  # the only modules a checkpoint's 'method' may name
 # Flags that may change when resuming without changing what is being trained.
-RESUME_SAFE = {"epochs", "knn_every", "save_every", "device", "precision", "data_dir", "download", "resume", "out"}
+RESUME_SAFE = {"epochs", "knn_every", "save_every", "device", "precision", "compile", "data_dir", "download", "resume",
+               "out"}
 # What an interrupted run can tell its user: the folder and the epoch that last.pt holds.
 STATUS = {"folder": None, "saved": None, "lock": None}
 
@@ -351,8 +352,8 @@ def check_args(saved, cls, path):
     for f in dataclasses.fields(cls):
         if f.name not in saved:
             continue
-        v, kind, choices = saved[f.name], type(f.default), f.metadata.get("choices")
-        ok = type(v) is kind or (kind is float and type(v) is int)
+        v, kind, choices = saved[f.name], f.type, f.metadata.get("choices")  # the annotation: bool for --compile
+        ok = type(v) is kind or (kind is float and type(v) is int) or v is f.default is None  # --compile's auto
         ok = ok and (kind is not float or math.isfinite(v))
         if not ok or (choices and v not in choices and v != f.default):  # e.g. --preset's '' (none)
             want = f"one of {', '.join(map(str, choices))}" if ok else f"{'an' if kind is int else 'a'} {kind.__name__}"

@@ -1,13 +1,14 @@
-"""SimSiam as a newcomer would feed it: the project's model, loss, optimizer and schedule, but
-views made by torchvision's PIL transforms in DataLoader worker processes instead of the
-project's batched tensor augmentation (datasets.Augment). Issue 24 compares the two at the
-laptop recipe, for accuracy and for speed (benchmarks/ablation.py runs it as the row
-`plain-pipeline`).
+"""SimSiam or SimCLR as a newcomer would feed it: the project's model, loss, optimizer and schedule,
+but views made by torchvision's PIL transforms in DataLoader worker processes instead of the
+project's batched tensor augmentation (datasets.Augment), in the default memory format and
+uncompiled. Issue 24 compares the two at the laptop recipe, for accuracy and for speed
+(benchmarks/ablation.py runs it as the row `plain-pipeline`; side_by_side.py times both methods).
 
     python benchmarks/plain_pipeline.py --preset laptop --cut 3 --seed 0 --out runs/plain-c3-s0
     python benchmarks/plain_pipeline.py --preset laptop --cut 3 --workers 0   # views made in this process
+    python benchmarks/plain_pipeline.py --method simclr --preset laptop --cut 3
 
-It takes simsiam.py's flags (--preset laptop sets the same recipe) plus --workers and
+It takes the method script's flags (--preset laptop sets the same recipe) plus --method, --workers and
 --threads, and writes metrics.jsonl in the project's format (loss, emb_norm_mean, knn_top1,
 epoch_seconds, images_per_second), args.json and last.pt into --out. A run is deterministic
 per --seed and --workers; --resume auto --out FOLDER continues an interrupted run exactly.
@@ -27,17 +28,32 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # throughput.py,
 import common  # noqa: E402
 import datasets  # noqa: E402
 import safety  # noqa: E402
+import simclr  # noqa: E402
 import simsiam  # noqa: E402
 from common import arg  # noqa: E402
 from throughput import PILTwoViews  # noqa: E402
 
 
 @dataclass
-class Args(simsiam.Args):
-    """simsiam.py's flags (--fix-pred-lr included), plus how the views are made."""
+class Plain:
+    """The flags of this script on top of the method's: which method, and how the views are made."""
+    method: str = arg("simsiam", "the method script whose model, loss and flags are used", ("simsiam", "simclr"))
     workers: int = arg(2, "DataLoader worker processes that make the views (0: in the training process)", low=0)
     threads: int = arg(0, "intra-op threads of the training process (0: torch's default, which follows "
                           "OMP_NUM_THREADS)", low=0)
+
+
+ARGS = {"simsiam": dataclass(type("Args", (simsiam.Args, Plain), {})),  # simsiam.py's flags (--fix-pred-lr...)
+        "simclr": dataclass(type("Args", (simclr.Args, Plain), {}))}  # simclr.py's (--temperature...)
+
+
+def forward(model, x1, x2, args):
+    """(loss, the embeddings the loss normalizes) of the method on two views, as in its script."""
+    if args.method == "simclr":
+        (_, z1), (_, z2) = model(x1), model(x2)
+        return simclr.info_nce(z1, z2, args.temperature), torch.cat([z1, z2])
+    (_, z1, p1), (_, z2, p2) = model(x1), model(x2)
+    return simsiam.simsiam_loss(p1, p2, z1, z2), torch.cat([p1, p2])
 
 
 def loader(dataset, args, epoch):
@@ -77,7 +93,10 @@ def resume(args, folder, model, optimizer):
 
 
 def main(argv=None):
-    args = common.parse_args(Args, __doc__, argv)
+    first = common.Parser(add_help=False)  # --method picks the flags that the full parse knows
+    first.add_argument("--method", default="simsiam", choices=ARGS)
+    method = first.parse_known_args(argv)[0].method
+    args = common.parse_args(ARGS[method], __doc__, argv)
     unsupported = [flag for flag, used in (("--accum", args.accum != 1), ("--power", args.power != 0),
                                            ("--exclude-classes", args.exclude_classes)) if used]
     if unsupported:
@@ -91,10 +110,11 @@ def main(argv=None):
         raise safety.UsageError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training "
                                 "images; lower it")
     mean, std = datasets.channel_stats(data.train_x)
-    model = simsiam.build_model(args, data.train_x.shape[-1]).to(device)
-    groups = [{"params": [*model.backbone.parameters(), *model.projector.parameters()]},
-              {"params": model.predictor.parameters()}]
-    optimizer = common.make_optimizer(args, groups, device, nesterov=args.nesterov)
+    model = (simclr if method == "simclr" else simsiam).build_model(args, data.train_x.shape[-1]).to(device)
+    groups = model.parameters() if method == "simclr" else [
+        {"params": [*model.backbone.parameters(), *model.projector.parameters()]},
+        {"params": model.predictor.parameters()}]
+    optimizer = common.make_optimizer(args, groups, device, nesterov=getattr(args, "nesterov", False))
     folder = args.out or os.path.join("runs", f"plain-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(folder, exist_ok=True)
     first = resume(args, folder, model, optimizer)
@@ -115,22 +135,20 @@ def main(argv=None):
     for epoch in range(first, args.epochs):
         t0 = time.time()
         model.train()
-        sums = torch.zeros(2, device=device)  # the epoch's summed loss and mean ||p||, read once at its end
+        sums = torch.zeros(2, device=device)  # the epoch's summed loss and mean ||p|| (||z||), read at its end
         for i, (x1, x2) in enumerate(loader(dataset, args, epoch)):
             step = epoch * steps_per_epoch + i
             lr = common.peak_lr(args) * common.lr_factor(step, total, warmup)
             # fix-pred-lr: the predictor (group 1) keeps the peak lr, as in simsiam.train_step
-            for group in optimizer.param_groups[:1] if args.fix_pred_lr else optimizer.param_groups:
+            for group in optimizer.param_groups[:1] if getattr(args, "fix_pred_lr", False) else optimizer.param_groups:
                 group["lr"] = lr
             x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)  # (B, 3, H, W)
             with common.autocast(device):
-                _, z1, p1 = model(x1)
-                _, z2, p2 = model(x2)
-                loss = simsiam.simsiam_loss(p1, p2, z1, z2)
+                loss, p = forward(model, x1, x2, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums += torch.stack([loss.detach().float(), torch.cat([p1, p2]).detach().float().norm(dim=1).mean()])
+            sums += torch.stack([loss.detach().float(), p.detach().float().norm(dim=1).mean()])
         loss, norm = (sums / steps_per_epoch).tolist()
         if not math.isfinite(loss):
             sys.exit(f"error: the loss became {loss} in epoch {epoch + 1}; lower --lr")

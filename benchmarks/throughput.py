@@ -171,14 +171,10 @@ def measure_floor(cfg, device):
     once: the least a symmetric method's step can cost with this backbone and batch.
     (MoCo v2 back-propagates through one view only and runs the other through the key
     encoder without gradient, so its step can cost less than this floor.)"""
-    net = BackboneOnly(cfg.arch, cfg.size).to(device)
-    if device.type == "cuda":
-        net.to(memory_format=torch.channels_last)  # as common.prepare does
+    net = BackboneOnly(cfg.arch, cfg.size).to(device, memory_format=torch.channels_last)  # as common.prepare does
     args = dataclasses.replace(common.Args(), batch_size=cfg.batch_size, arch=cfg.arch)  # SGD, momentum 0.9
     optimizer = common.make_optimizer(args, net.parameters(), device)
     x1, x2 = (torch.randn(cfg.batch_size, 3, cfg.size, cfg.size, device=device) for _ in range(2))
-    if device.type == "cuda":  # the layout datasets.Augment hands to the network
-        x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -286,8 +282,6 @@ def measure_method(name, module, args, cfg, run, floor, pil_batches):
     if pil_batches is not None:
         def pil_step():
             x1, x2 = (v.to(device, non_blocking=True) for v in next(pil_batches))
-            if device.type == "cuda":
-                x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
             trainer((x1, x2), PRE_MADE)
 
         reset_peak(device)
@@ -351,9 +345,7 @@ def measure_knn(cfg, device, mean, std):
     bank = torch.randint(0, 256, (cfg.knn_bank, 3, cfg.size, cfg.size), dtype=torch.uint8, generator=g).to(device)
     queries = torch.randint(0, 256, (cfg.knn_queries, 3, cfg.size, cfg.size), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, KNN_CLASSES, (cfg.knn_bank,), generator=g).to(device)
-    net = BackboneOnly(cfg.arch, cfg.size).to(device)
-    if device.type == "cuda":
-        net.to(memory_format=torch.channels_last)
+    net = BackboneOnly(cfg.arch, cfg.size).to(device, memory_format=torch.channels_last)
     reset_peak(device)
     f = common.embed(net, bank[:1024], mean, std)
     common.knn_predict(f, labels[:1024], common.embed(net, queries[:1024], mean, std), KNN_CLASSES)

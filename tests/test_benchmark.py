@@ -102,7 +102,7 @@ def test_timed_step_is_the_scripts_own_step(tmp_path, monkeypatch):
     data = datasets.load_dataset("synthetic", "data", subset=32)
     run = common.Run("simclr", args, torch.device("cpu"), data, *datasets.channel_stats(data.train_x), folder="")
     view = run.augment()
-    copy_ = copy.deepcopy(start)
+    copy_ = copy.deepcopy(start).to(memory_format=torch.channels_last)  # as common.prepare makes it
     optimizer = common.make_optimizer(args, bench.param_groups("simclr", copy_), run.device)
     trainer = bench.Trainer(simclr, copy_, optimizer, run)
     # Run.batches' data order and augmentation seed for epoch 0 (seed * 100003 + epoch * 1009 + rank + 1).

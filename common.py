@@ -61,7 +61,8 @@ class Args:
                           "minutes on a CPU) or, where the script has it, paper (App. C.1)", ("laptop", "paper"))
     dataset: str = arg("cifar10", "training data", DATASETS)
     data_dir: str = arg("data", "where the dataset lives (or is downloaded to)")
-    download: bool = arg(False, "download the dataset with torchvision if it is missing (needs internet)")
+    download: bool = arg(True, "download the dataset with torchvision when it is missing (MD5-checked); "
+                               "--no-download where there is no internet")
     subset: int = arg(0, "use only the first N train and N test images (0: all); for quick checks", low=0)
     exclude_classes: str = arg("", "classes to train without, e.g. 5,6,7,8,9: they leave both splits, and "
                                    "eval_knn.py's novelty analysis compares their unseen test images with the rest "
@@ -96,6 +97,10 @@ class Args:
     compile: bool = arg(None, f"torch.compile the training forward (inductor; on the CPU it needs a C++ compiler): "
                               f"faster steps after 30 s or more of compiling; default: on for runs of {COMPILE_STEPS} "
                               f"optimizer steps or more, which earn that time back")
+
+    def problem(self):
+        """validate(self): checkpoints' flags pass through the same rules as typed ones (safety.check_args)."""
+        return validate(self)
 
 
 class Parser(argparse.ArgumentParser):
@@ -535,7 +540,14 @@ class Run:
         path = self.ckpt["path"]
         safety.load_state(model, self.ckpt["model"], path, self.method)
         try:
-            optimizer.load_state_dict(self.ckpt["optimizer"])
+            optimizer.load_state_dict(self.ckpt["optimizer"])  # it checks the groups, not the tensors: as the weights
+            for p in (p for group in optimizer.param_groups for p in group["params"]):
+                for name, v in optimizer.state[p].items():
+                    if torch.is_tensor(v) and ((v.dim() and v.shape != p.shape) or not v.isfinite().all()):
+                        bad = "a tensor holding NaN or infinity" if v.shape == p.shape else f"of shape {tuple(v.shape)}"
+                        raise UsageError(f"{path} holds an optimizer state that does not fit: its {name} for a "
+                                         f"parameter of shape {tuple(p.shape)} is {bad}; resume from another "
+                                         "checkpoint of this run, or start a new run")
             set_rng_state(self.ckpt["rng"])
             if self.ckpt.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(self.ckpt["scaler"])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from safety import UsageError, save_atomic
+from safety import UsageError, check_input, save_atomic
 
 DATASETS = ("cifar10", "cifar100", "cifar10-lt", "cifar100-lt", "fashionmnist", "fashionmnist-lt",
             "tinyimagenet", "imagenet100", "flowers102", "synthetic")
@@ -99,8 +99,11 @@ def drop_classes(data, classes, flag="--exclude-classes"):
 # published formats and checks their MD5 checksums; the folder datasets are decoded once.
 
 def _need(paths, what, how):
-    for p in filter(lambda p: not os.path.exists(p), paths):
-        raise UsageError(f"{what} {os.path.basename(p)} not found in {os.path.dirname(p)}; {how}")
+    for p in paths:
+        if not os.path.exists(p):
+            raise UsageError(f"{what} {os.path.basename(p)} not found in {os.path.dirname(p)}; {how}")
+        if not os.path.isdir(p):
+            check_input(p, what)  # a FIFO would block the read that checks its MD5
 
 
 def _download(name, data_dir, fetch, folder, files, inner=()):
@@ -121,9 +124,10 @@ def _download(name, data_dir, fetch, folder, files, inner=()):
         if not isinstance(e, (OSError, RuntimeError, http.client.HTTPException)):
             raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UsageError(f"--download could not fetch {name} ({reason}); put {files} in {folder} by hand, or work "
-                         "offline on Fashion-MNIST: apt-get install dataset-fashion-mnist, then --dataset "
-                         "fashionmnist --data-dir /usr/share/datasets/fashion-mnist") from None
+        raise UsageError(f"could not download {name} ({reason}); put {files} in {folder} by hand (or pass --data-dir "
+                         "where they are) and --no-download, or work offline on Fashion-MNIST: apt-get install "
+                         "dataset-fashion-mnist, then --dataset fashionmnist --data-dir "
+                         "/usr/share/datasets/fashion-mnist") from None
 
 
 def _not_published(name, files):
@@ -143,8 +147,8 @@ def _cifar(name, data_dir, download):
         _download(name, data_dir, lambda: cls(data_dir, download=True), root, "the extracted python-version batches")
     meta = [cls.meta["filename"], cls.meta["md5"]]
     files = [(os.path.join(root, f), md5) for f, md5 in cls.train_list + cls.test_list + [meta]]
-    _need([p for p, _ in files], f"{name} file", f"pass --download, or put the extracted '{cls.base_folder}' "
-          "folder under --data-dir")
+    _need([p for p, _ in files], f"{name} file", f"put the extracted '{cls.base_folder}' folder under --data-dir "
+          "(a method script without --no-download fetches it)")
     try:  # The batches are pickles, which can run code when loaded: torchvision checks all of them first.
         splits = [cls(data_dir, train=train) for train in (True, False)]
     except RuntimeError:
@@ -161,7 +165,7 @@ def read_idx(path, shape=None, max_values=10 ** 8):  # Fashion-MNIST's largest f
             raise ValueError(f"it ends after {len(data)} of the {n} bytes of its {what}")
         return data
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as fh:
+        with (gzip.open if path.endswith(".gz") else open)(check_input(path, "idx file"), "rb") as fh:
             zero, dtype, ndim = struct.unpack(">HBB", exactly(fh, 4, "header"))
             if zero != 0 or dtype != 0x08:
                 raise ValueError("its magic number is not that of an idx file of unsigned bytes")
@@ -176,7 +180,7 @@ def read_idx(path, shape=None, max_values=10 ** 8):  # Fashion-MNIST's largest f
                 raise ValueError(f"it goes on past the {count} bytes of data its header promises")
     except (OSError, EOFError, ValueError, zlib.error) as e:  # zlib.error: a corrupt gzip stream
         raise UsageError(f"{path} is not a valid idx file ({e}); delete it and fetch it again")
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(dims)
+    return torch.from_numpy(np.frombuffer(raw, np.uint8).copy()).reshape(dims)  # frombuffer refuses 0 bytes
 
 
 def _fashionmnist(name, data_dir, download):
@@ -191,8 +195,8 @@ def _fashionmnist(name, data_dir, download):
             if os.path.exists(path):
                 return path, read_idx(path, shape)
         raise UsageError(f"Fashion-MNIST file {stem} not found in {' or '.join(folders)}; install it with 'apt-get "
-                         "install dataset-fashion-mnist' and pass --data-dir /usr/share/datasets/fashion-mnist, "
-                         "or pass --download")
+                         "install dataset-fashion-mnist' and pass --data-dir /usr/share/datasets/fashion-mnist "
+                         "(a method script without --no-download fetches it)")
     def split(prefix):
         images, x = read(f"{prefix}-images-idx3-ubyte", (None, 28, 28))  # (N, 28, 28)
         labels, y = read(f"{prefix}-labels-idx1-ubyte", (None,))  # (N,)
@@ -211,12 +215,14 @@ def _load_images(paths, size):
     from PIL import Image
     def one(path):
         try:
-            with Image.open(path) as im:
+            with Image.open(check_input(path, "image")) as im:
                 s = size / min(im.size)
                 im = im.convert("RGB").resize(tuple(max(size, round(n * s)) for n in im.size), Image.BILINEAR)
                 left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
                 im = im.crop((left, top, left + size, top + size))
                 return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, size, size)
+        except UsageError:
+            raise
         except Exception as e:  # missing, truncated, not an image, a decompression bomb: PIL has many errors
             raise UsageError(f"{path} is not a readable image ({type(e).__name__}); replace it with a good copy "
                              "from the dataset's archive")
@@ -257,11 +263,11 @@ def _cached(cache_path, build, num_classes, size):
 
 
 def _class_folders(root, classes, size):
-    """The images root/<class>/**/* as torchvision's ImageFolder finds them (sorted, image
-    extensions only), decoded to size px, and their labels: class i of `classes` is label i."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
-    index = {c: i for i, c in enumerate(classes)}
-    samples = ImageFolder.make_dataset(root, index, IMG_EXTENSIONS, allow_empty=True) if classes else []
+    """The images root/<class>/**/* as torchvision's ImageFolder finds them (sorted, image extensions only), but
+    without following links to folders, which may loop; decoded to size px. Class i of `classes` is label i."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    samples = [(os.path.join(d, f), i) for i, c in enumerate(classes) for d, _, files in
+               sorted(os.walk(os.path.join(root, c))) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
     return _load_images([p for p, _ in samples], size), torch.tensor([y for _, y in samples], dtype=torch.long)
 
 
@@ -304,7 +310,8 @@ def _flowers102(name, data_dir, download):
         _download(name, data_dir, lambda: cls(data_dir, download=True), root, "jpg/, imagelabels.mat and setid.mat",
                   inner=("flowers-102",))
     _need([os.path.join(root, f) for f in ("jpg", "imagelabels.mat", "setid.mat")], "Flowers-102",
-          "pass --download, or unpack 102flowers.tgz, imagelabels.mat and setid.mat into <data-dir>/flowers-102")
+          "unpack 102flowers.tgz, imagelabels.mat and setid.mat into <data-dir>/flowers-102 (a method script "
+          "without --no-download fetches them)")
     def build():
         try:  # The paper trains on the 6,149-image 'test' split (long-tailed) and evaluates on 'val'.
             splits = [cls(data_dir, split, loader=str) for split in ("test", "val")]  # items: (path, label)

@@ -10,14 +10,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from safety import UsageError
+
 
 def init_distributed(cuda):
     """Join torchrun's process group (NCCL for a run on CUDA, else gloo); returns (rank, world size, local rank)."""
     if "RANK" not in os.environ:
         return 0, 1, 0
+    env = {k: os.environ.get(k, "") for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    rank, local, size = (int(v) if v.isdigit() else -1 for v in (env["RANK"], env["LOCAL_RANK"] or "0",
+                                                                  env["WORLD_SIZE"]))
+    if not (0 <= rank < size and local >= 0 and env["MASTER_ADDR"] and env["MASTER_PORT"].isdigit()):
+        shown = ", ".join(f"{k}={v!r}" for k, v in env.items())
+        raise UsageError(f"RANK is set, so this looks like a torchrun process, but {shown} are not what torchrun "
+                         "sets; start with torchrun, or unset RANK for one process")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local)
     return dist.get_rank(), dist.get_world_size(), local

@@ -115,16 +115,16 @@ def read_human(dataset, folder, train_y, test_y):
 # ----------------------------------------------------------------------------- outputs and tables
 
 def check_outputs(a):
-    """Refuse, before any work, an output that would overwrite an input or a run's files, or cannot be written."""
+    """Refuse, before any work, an output that would overwrite a checkpoint or a run's own file or cannot be written."""
     for flag, path in [(f, p) for f, p in (("--json", a.json), ("--prototypes-out", a.prototypes_out)) if p]:
-        folder = os.path.dirname(os.path.realpath(path))
-        if os.path.realpath(path) in [os.path.realpath(i) for i in (a.checkpoint, *(a.compare or [])) if i] or \
-                path.endswith(".pt") or os.path.basename(path) in ("metrics.jsonl", "args.json"):
-            raise safety.UsageError(f"{flag} {path} would overwrite a checkpoint or a run's own file; use another path")
-        if os.path.isdir(path):
-            raise safety.UsageError(f"{flag} {path} is a folder; give a file name")
-        if not os.access(folder, os.W_OK):  # also where the folder does not exist
-            raise safety.UsageError(f"{flag} {path}: cannot write into {folder}; create it or choose another path")
+        real = os.path.realpath(path)  # a link is judged by what it leads to; a file named as a run's own is one
+        own = real.endswith(".pt") or os.path.basename(real) in ("metrics.jsonl", "args.json", "lock")
+        safety.check_output(path, [real] * own, flag)
+        if flag == "--prototypes-out" and not path.lower().endswith(".png"):
+            raise safety.UsageError(f"--prototypes-out {path}: the grid is saved as a PNG, so name it *.png")
+        folder = os.path.dirname(real)
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise safety.UsageError(f"{flag} {path}: cannot write into {folder} (not a writable folder); pick another")
     if a.figures and os.path.isfile(a.figures):
         raise safety.UsageError(f"--figures {a.figures} is a file; give a folder for the PNGs")
 
@@ -393,6 +393,6 @@ def draw_figures(result, folder):
             figures["prototypes-figure.png" if grid else f"{name}.png"] = FIGURES[name](r, ctx)
     os.makedirs(folder, exist_ok=True)
     for file, fig in figures.items():
-        fig.savefig(os.path.join(folder, file), dpi=120)
+        safety.write_atomic(os.path.join(folder, file), lambda fh: fig.savefig(fh, format="png", dpi=120), "wb")
         print(f"figure: {os.path.join(folder, file)}")
     return [os.path.join(folder, file) for file in figures]

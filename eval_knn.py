@@ -51,17 +51,10 @@ def load_model(path, device="cpu"):
     args = safety.check_args(ckpt["args"], module.Args, path)
     ckpt["args"] = {**ckpt["args"], **vars(args)}  # evaluate() reads the flags from here; fill in missing ones
     import torchvision  # noqa: F401 -- first imported inside the meta context below, it fails on torch 2.7
-    try:
-        with torch.device("meta"):  # no memory: a crafted 10^12-wide projector allocates nothing
-            shapes = module.build_model(args, ckpt["img_size"])
-    except Exception as e:  # e.g. a negative width: torch's own error, not a sentence
-        raise safety.UsageError(f"{path} has flags that build no {ckpt['method']} network ({type(e).__name__}: "
-                                f"{(str(e).splitlines() or [''])[0][:120]}); refusing to load it") from None
+    with torch.device("meta"):  # no memory: a crafted 10^12-wide projector allocates nothing
+        shapes = module.build_model(args, ckpt["img_size"])  # check_args has applied the typed flags' rules
     with warnings.catch_warnings(action="ignore"):  # torch warns that loading into meta tensors copies nothing
         safety.load_state(shapes, ckpt["model"], path, ckpt["method"])
-    if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):
-        raise safety.UsageError(f"{path} holds NaN or infinite weights (its run diverged); evaluate an earlier "
-                                "checkpoint, e.g. one of its epoch<N>.pt")
     model = module.build_model(args, ckpt["img_size"])
     model.load_state_dict(ckpt["model"])  # strict, and known to fit
     return model.to(device), ckpt
@@ -187,8 +180,8 @@ def prototypes(images, norms, labels, num_classes, out_png, per=10):
     tiles = images[idx.clamp(min=0).flatten().to(images.device)].cpu().float() / 255  # (C * 2per, 3, H, W)
     tiles[idx.flatten() < 0] = 0
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    import torchvision
-    torchvision.utils.save_image(tiles, out_png, nrow=2 * per)  # 2 px black padding between tiles
+    import torchvision  # save_image: 2 px black padding between tiles
+    safety.write_atomic(out_png, lambda fh: torchvision.utils.save_image(tiles, fh, "png", nrow=2 * per), "wb")
     return {"png": out_png, "indices": idx.tolist(), "counts": torch.bincount(labels, minlength=num_classes).tolist()}
 
 
@@ -409,8 +402,8 @@ def main(argv=None):
     eval_extras.check_outputs(a)
     result = eval_extras.compare(a.compare) if a.compare else evaluate(a)  # each prints its tables as it goes
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(json.loads(json.dumps(result), parse_constant=lambda _: None), fh, indent=1)  # NaN: null
+        numbers = json.loads(json.dumps(result), parse_constant=lambda _: None)  # NaN: null
+        safety.write_atomic(a.json, lambda fh: json.dump(numbers, fh, indent=1))
         print(f"numbers: {a.json}")
     if a.figures:
         eval_extras.draw_figures(result, a.figures)

@@ -9,7 +9,9 @@ import math
 import os
 import pickle
 import reprlib
+import shutil
 import signal
+import stat
 import sys
 
 import torch
@@ -20,7 +22,8 @@ METHODS = ("simclr", "simsiam", "byol", "moco")  # the only modules a checkpoint
 RESUME_SAFE = {"epochs", "knn_every", "save_every", "device", "precision", "compile", "data_dir", "download", "resume",
                "out"}
 # What an interrupted run can tell its user: the folder and the epoch that last.pt holds.
-STATUS = {"folder": None, "saved": None, "lock": None}
+# created: the folder, if this run made it; written: the outputs saved; args: the run's flags, for messages.
+STATUS = {"folder": None, "saved": None, "lock": None, "created": None, "written": [], "args": None}
 
 
 class UsageError(Exception):
@@ -40,36 +43,69 @@ class Finished(Exception):
 
 
 def cli(main):
-    """Run main() as a command: bad input (UsageError) is one line on stderr and exit status
-    2, a failed run (RunFailed, OSError) one line and 1; Ctrl-C or SIGTERM says what is safe."""
+    """Run main() as a command, the one error boundary of every script: bad input (UsageError) is one line on stderr
+    and exit status 2; a failed run (RunFailed, OSError with its path, running out of memory) one line and 1, and
+    the run folder this run made is removed while it holds no checkpoint; Ctrl-C or SIGTERM says what is safe."""
+    STATUS.update(folder=None, saved=None, created=None, written=[], args=None)  # main() may run more than once
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 is printed escaped, never a crash
+        stream.reconfigure(errors="backslashreplace")
     # Ctrl-C raises KeyboardInterrupt even where the parent started us with SIGINT ignored
     # (a background job of a script), and SIGTERM unwinds the same way.
     handlers = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except Finished as e:
         print(e)
         sys.exit(0)
-    except (RunFailed, OSError) as e:
-        what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else e
-        print(f"error: {what}", file=sys.stderr)
-        sys.exit(1)
+    except (UsageError, RunFailed, OSError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e, RunFailed) and not out_of_memory(e):
+            raise  # a bug: its traceback is the message
+        _drop_new_folder()
+        print(f"error: {failure(e)}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt as e:
-        folder, saved = STATUS["folder"], STATUS["saved"]
+        folder, saved, written = STATUS["folder"], STATUS["saved"], STATUS["written"]
         again = f"python <script> --resume auto --out {folder}"
-        left = ("nothing was written" if folder is None else
-                f"no epoch had finished, so {folder} holds no checkpoint; `{again}` starts the run again from epoch 0"
-                if saved is None else f"{os.path.join(folder, 'last.pt')} holds epoch {saved}; `{again}` continues "
-                "from there")
+        left = (f"wrote {', '.join(written)} before it" if written else "nothing was written") if folder is None \
+            else (f"no epoch had finished, so {folder} holds no checkpoint; `{again}` starts the run again from "
+                  "epoch 0" if saved is None else f"{os.path.join(folder, 'last.pt')} holds epoch {saved}; `{again}` "
+                  "continues from there")
         print(f"{e.args[0] if e.args else 'interrupted'}; {left}", file=sys.stderr)
         sys.exit(143 if e.args else 130)
     finally:
         unlock_folder()
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
+
+
+# The flags that size what is allocated, named when memory runs out.
+SIZING = ("batch_size", "accum", "arch", "width", "proj_dim", "pred_dim", "hidden_dim", "mlp_dim", "queue")
+
+
+def out_of_memory(e):
+    """Whether e is an allocation failure: Python's, CUDA's, or the CPU allocator's (a RuntimeError)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) \
+        or "not enough memory" in str(e)
+
+
+def failure(e):
+    """The one sentence for an error that ends the program."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else f"{e.strerror or e}"
+    if not out_of_memory(e):
+        return str(e)
+    args = STATUS["args"]
+    flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SIZING if hasattr(args, k))
+    what = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    return (f"out of memory ({what}); lower what sizes the network and the batch: {flags}" if flags
+            else f"out of memory ({what}); free memory, or lower the batch size")
+
+
+def _drop_new_folder():
+    """Remove the run folder this run created, unless it already holds a checkpoint: nothing else was in it."""
+    folder = STATUS["created"]
+    if folder and os.path.isdir(folder) and not any(f.endswith(".pt") for f in os.listdir(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _terminate(signum, frame):
@@ -135,6 +171,7 @@ def claim_folder(folder, method, args, ckpt):
     """Create and lock the run folder; keep metrics.jsonl to the epochs of the checkpoint
     being resumed (none for a new run), and record a new run's flags in args.json."""
     try:
+        STATUS.update(created=None if os.path.exists(folder) else folder, args=args)
         os.makedirs(folder, exist_ok=True)
         lock_folder(folder)
         STATUS.update(folder=folder, saved=ckpt["epoch"] if ckpt else None)
@@ -243,44 +280,81 @@ def trim_metrics(path, epoch):
 
 
 def divergence_message(what, where, args, folder):
-    """What went wrong, where (e.g. 'epoch 3, step 5'), the likely causes and what was kept."""
-    hints = [f"GradScale (--power {args.power:g}) scales gradients by the embedding norm, so it needs a smaller "
-             "--lr or a longer --warmup"] if args.power else []
-    hints += [f"--wd {args.wd:g} is large"] if args.wd >= 1e-3 else []
-    hints.append(f"--lr {args.lr:g} may be too high")
+    """What went wrong, where (e.g. 'epoch 3, step 5'), the flag that most plausibly caused it and what was kept."""
+    if args.cut < 1:  # dividing by c < 1 multiplies every initial weight: the embeddings overflow from the start
+        cause = f"--cut {args.cut:g} multiplies every initial weight by {1 / args.cut:.3g}; use a --cut of 1 or more"
+    elif args.power:
+        cause = (f"GradScale (--power {args.power:g}) scales gradients by the embedding norm, so it needs a smaller "
+                 "--lr or a longer --warmup")
+    else:
+        cause = f"--lr {args.lr:g} is likely too high" + (f", or --wd {args.wd:g} too large" if args.wd >= 1e-3 else "")
     saved = STATUS["saved"]
-    kept = (f"{os.path.join(folder, 'last.pt')} still holds epoch {saved}, the last good one" if saved
-            else "no checkpoint was written")
-    return f"{what} at {where}; {'; '.join(hints)}. Training stopped; {kept}"
+    kept = (f"{os.path.join(folder, 'last.pt')} still holds epoch {saved}, the last good one"
+            if saved else "no checkpoint was written")
+    return f"{what} at {where}; {cause}. Training stopped; {kept}"
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a kill mid-write
-    leaves the previous file intact."""
+    """torch.save through write_atomic, synced to the disk before the rename."""
+    def write(fh):
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    write_atomic(path, write, "wb", f"; free some space and resume with --resume auto --out "
+                                    f"{os.path.dirname(os.path.abspath(path))}")
+
+
+def write_atomic(path, write, mode="w", hint=""):
+    """Every output's one way out: write(fh) into a temporary file in the same folder, then rename it to path, so
+    a kill or a full disk mid-write leaves the previous file intact and never a cut-off one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with open(tmp, mode) as fh:
+            write(fh)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk, a lost mount: torch.save says RuntimeError
         kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was saved"
         reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise RunFailed(f"could not write {path} ({reason}); {kept}; free some space and resume with "
-                        f"--resume auto --out {os.path.dirname(os.path.abspath(path))}")
+        raise RunFailed(f"could not write {path} ({reason}); {kept}{hint}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    STATUS["written"].append(path)
+
+
+KINDS = {stat.S_IFDIR: "folder", stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFSOCK: "socket", stat.S_IFCHR: "device",
+         stat.S_IFBLK: "device"}
+
+
+def check_input(path, what="input"):
+    """path, if it is a regular file (or a link to one); else one sentence. os.stat never opens it, so a FIFO,
+    whose read would wait for a writer forever, is refused instead of blocking."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise UsageError(f"{what} {path} {'does not exist' if isinstance(e, FileNotFoundError) else e.strerror}")
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{what} {path} is a {KINDS.get(stat.S_IFMT(mode), 'special file')}, not a file")
+    return path
+
+
+def check_output(path, protected=(), what="output"):
+    """path, if writing it would overwrite none of `protected` (a run's own files) and it is not a folder; links
+    are resolved first, so a link cannot lead a write onto a protected file."""
+    real = os.path.realpath(path)
+    if real in {os.path.realpath(p) for p in protected}:
+        raise UsageError(f"{what} {path} would overwrite {real}, a run's own file; choose another path")
+    if os.path.isdir(real):
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+    return path
 
 
 def load_checkpoint(path):
     """Load a checkpoint written by this project, tensors only (weights_only=True): a file
     that carries pickled code is refused, never executed."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist")
+    check_input(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # GLOBAL: the pickle names a function or class to import and call
@@ -339,6 +413,9 @@ def check_checkpoint(ckpt, path):
             raise refuse(path, field, want, shown(ckpt.get(field)))
     if bad := next(filter(None, (_bad_tensor(k, v) for k, v in ckpt["model"].items())), None):
         raise refuse(path, "model", "a dict of parameter names to dense CPU tensors", bad)
+    if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):  # never saved by a run
+        raise UsageError(f"{path} holds NaN or infinite weights (its run diverged); use an earlier checkpoint, e.g. "
+                         "one of its epoch<N>.pt")
     if ckpt["args"].get("arch") == "vit_small" and ckpt.get("vit_heads") is None:  # the heads change no shape
         print(f"warning: {path} does not record its ViT's heads: it gets vit_small's 12 (6 before 2026-12-06, when "
               "its features would be wrong)", file=sys.stderr)
@@ -346,8 +423,8 @@ def check_checkpoint(ckpt, path):
 
 
 def check_args(saved, cls, path):
-    """The method's Args from a checkpoint's 'args': each flag of its field's type (an int is fine
-    for a float) and choices; flags it lacks (an older run) take their defaults, unknown ones are ignored."""
+    """The method's Args from a checkpoint's 'args': each flag of its field's type (an int is fine for a float),
+    choices and Args.problem()'s rules; flags it lacks (an older run) take their defaults, unknown ones are ignored."""
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in saved:
@@ -359,7 +436,9 @@ def check_args(saved, cls, path):
             want = f"one of {', '.join(map(str, choices))}" if ok else f"{'an' if kind is int else 'a'} {kind.__name__}"
             raise refuse(path, f"args.{f.name}", want, shown(v))
         values[f.name] = float(v) if kind is float else v
-    return cls(**values)
+    if problem := (args := cls(**values)).problem():  # the rules a typed flag meets, met by a saved one
+        raise UsageError(f"{path} holds a flag value the command line refuses: {problem}; refusing to load it")
+    return args
 
 
 def load_state(module, state, path, name=None):

@@ -23,6 +23,7 @@ import time
 import torch
 from torch import nn
 
+import safety
 from gradscale import gradscale
 
 THRESHOLD = 1e-3  # "converged" once the mean cosine similarity exceeds 1 - 1e-3 (App. B.1)
@@ -88,13 +89,12 @@ def print_table(title, rows):
 
 
 def save(out, name, result, draw):
-    """Write out/name.csv (rows), .json (all) and, if matplotlib imports, .png by draw(plt); print, return the paths."""
+    """Write out/name.csv (rows), .json (all) and, if matplotlib imports, .png by draw(plt), each atomically; print."""
     os.makedirs(out, exist_ok=True)
     rows, paths = result["rows"], [os.path.join(out, f"{name}.{ext}") for ext in ("csv", "json")]
-    with open(paths[0], "w", newline="") as f:
-        csv.writer(f).writerows([list(rows[0]), *([r[k] for k in rows[0]] for r in rows)])
-    with open(paths[1], "w") as f:
-        json.dump(result, f, indent=1)
+    table = [list(rows[0]), *([r[k] for k in rows[0]] for r in rows)]  # "\n": the OS's line end, as open() writes it
+    safety.write_atomic(paths[0], lambda f: csv.writer(f, lineterminator="\n").writerows(table))
+    safety.write_atomic(paths[1], lambda f: json.dump(result, f, indent=1))
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display needed
@@ -105,10 +105,9 @@ def save(out, name, result, draw):
         fig = draw(plt)
         fig.tight_layout()
         paths.append(os.path.join(out, f"{name}.png"))
-        fig.savefig(paths[-1], dpi=120)
+        safety.write_atomic(paths[-1], lambda f: fig.savefig(f, format="png", dpi=120), "wb")
         plt.close(fig)
     print("wrote " + ", ".join(paths))
-    return paths
 
 
 def decorate(ax, title, xlabel, ylabel, headline, legend="best", corner="left", title_size=9, **legend_kw):
@@ -632,4 +631,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    safety.cli(main)

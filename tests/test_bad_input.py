@@ -167,7 +167,7 @@ BAD_NETWORKS = [
                          "torch.float32 tensor of shape (8, 512) where the network has torch.float32 (4, 512)"),
     ("args.proj_dim", 10 ** 12, "'projector.2.weight' is a torch.float32 tensor of shape (8, 512) where the network "
                                 "has torch.float32 (1000000000000, 512)"),  # 4 PB: built on the meta device only
-    ("args.proj_dim", -5, "has flags that build no simclr network (RuntimeError"),
+    ("args.proj_dim", -5, "holds a flag value the command line refuses: --proj-dim must be positive (got -5)"),
     ("args.arch", "vit_tiny", "does not match the simclr network its flags describe: it lacks"),
     ("model.projector.2.bias", DELETE, "it lacks 'projector.2.bias' (1 missing, 0 unexpected tensors)"),
     ("model.head.weight", torch.zeros(3), "it has an unexpected 'head.weight' (0 missing, 1 unexpected tensors)"),
@@ -450,7 +450,8 @@ def test_download_without_network_stops_the_script_and_cleans_up(tmp_path, monke
     before = snapshot(tmp_path)
     data_dir = tmp_path / "new" / "data"
     message = assert_refused(train(data_dir, tmp_path, "--dataset", "cifar10", "--download"),
-                             "--download could not fetch cifar10 (", f"in {data_dir}/cifar-10-batches-py by hand")
+                             "could not download cifar10 (", f"in {data_dir}/cifar-10-batches-py by hand",
+                             "--no-download")
     assert message.endswith(OFFLINE)
     assert not (tmp_path / "new").exists() and not (tmp_path / "run").exists()  # the folder it made is gone
     assert snapshot(tmp_path) == before
@@ -479,8 +480,9 @@ def test_failed_download_keeps_what_was_there(tmp_path, monkeypatch):
         RuntimeError("Error downloading train-images-idx3-ubyte.gz")))
     with pytest.raises(safety.UsageError) as e:
         datasets.load_dataset("fashionmnist", str(tmp_path), download=True)
-    assert str(e.value) == (f"--download could not fetch fashionmnist (Error downloading train-images-idx3-ubyte.gz); "
-                            f"put the four *-ubyte.gz files in {tmp_path} by hand, {OFFLINE}")
+    assert str(e.value) == (f"could not download fashionmnist (Error downloading train-images-idx3-ubyte.gz); "
+                            f"put the four *-ubyte.gz files in {tmp_path} by hand (or pass --data-dir where they are) "
+                            f"and --no-download, {OFFLINE}")
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path / "FashionMNIST")) == ["README"]
 
 
@@ -489,8 +491,8 @@ def test_failed_download_removes_the_folder_it_created(tmp_path, monkeypatch, na
     monkeypatch.setattr(f"torchvision.datasets.{cls}.download",
                         no_network(["archive.tgz.part", "flowers-102/jpg/x.jpg"]))
     data_dir = tmp_path / "a" / "b"
-    with pytest.raises(safety.UsageError, match=rf"^--download could not fetch {name} \(<urlopen error \[Errno -3\] "
-                                                r"Temporary failure in name resolution>\); put .* by hand, or work "
+    with pytest.raises(safety.UsageError, match=rf"^could not download {name} \(<urlopen error \[Errno -3\] "
+                                                r"Temporary failure in name resolution>\); put .* by hand .*, or work "
                                                 "offline on Fashion-MNIST"):
         datasets.load_dataset(name, str(data_dir), download=True)
     assert os.listdir(tmp_path) == []
@@ -589,8 +591,8 @@ def good_run(tmp_path_factory):
     (["--k", "0"], "--k must be >= 1 (got 0)"),
     (["--bins", "0"], "--bins must be >= 1 (got 0)"),
     (["--probe-lr", "-1"], "--probe-lr must be positive and finite (got -1.0)"),
-    (["--json", "{ckpt}"], "--json {ckpt} would overwrite a checkpoint"),
-    (["--json", "{run}/metrics.jsonl"], "would overwrite a checkpoint or a run's own file"),
+    (["--json", "{ckpt}"], "--json {ckpt} would overwrite {ckpt}, a run's own file"),
+    (["--json", "{run}/metrics.jsonl"], "metrics.jsonl, a run's own file"),
     (["--json", "{run}/no/such/folder/x.json"], "cannot write into"),
     (["--json", "{run}"], "is a folder"),
 ])

@@ -99,12 +99,12 @@ def test_cifar_python2_pickles_load(tmp_path, monkeypatch):
 
 
 def test_cifar_missing_and_corrupt_files_are_one_sentence(tmp_path, monkeypatch):
-    with pytest.raises(safety.UsageError, match=r"cifar10 file data_batch_1 not found in .*--download"):
+    with pytest.raises(safety.UsageError, match=r"cifar10 file data_batch_1 not found in .*--no-download"):
         datasets.load_dataset("cifar10", str(tmp_path))
     write_cifar(tmp_path, "cifar10")
     publish_cifar(monkeypatch, tmp_path, "cifar10")
     (tmp_path / "cifar-10-batches-py" / "batches.meta").unlink()
-    with pytest.raises(safety.UsageError, match=r"cifar10 file batches.meta not found in .*--download"):
+    with pytest.raises(safety.UsageError, match=r"cifar10 file batches.meta not found in .*--no-download"):
         datasets.load_dataset("cifar10", str(tmp_path))
     write_cifar(tmp_path / "again", "cifar10")
     publish_cifar(monkeypatch, tmp_path / "again", "cifar10")

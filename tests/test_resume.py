@@ -139,7 +139,8 @@ def bad_inputs(tmp_path):
     return [
         (["simclr.py", "--dataset", "mnist"], "invalid choice: 'mnist'"),
         (["simclr.py", "--optimizer", "lamb"], "invalid choice: 'lamb'"),
-        (["simclr.py", "--dataset", "cifar100", "--data-dir", str(tmp_path / "none")], "not found in"),
+        (["simclr.py", "--dataset", "cifar100", "--data-dir", str(tmp_path / "none"), "--no-download"],
+         "not found in"),
         (["simclr.py", "--dataset", "fashionmnist", "--data-dir", str(fashion)], "not a valid idx file"),
         (["simclr.py", *TINY, "--cut", "0"], "--cut must be positive"),
         (["simclr.py", *TINY, "--cut", "-3"], "--cut must be positive"),

@@ -80,7 +80,7 @@ def test_cut_init_is_in_the_trained_model(trained):
 
 def test_missing_data_is_one_sentence_and_creates_nothing(tmp_path):
     out = tmp_path / "never"
-    r = run_script("simclr.py", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out))
+    r = run_script("simclr.py", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out), "--no-download")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: cifar10 file data_batch_1 not found")
     assert not out.exists()

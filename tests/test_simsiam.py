@@ -2,6 +2,7 @@
 fix-pred-lr, and the real script end to end on the synthetic data."""
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -110,8 +111,21 @@ def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
         ["buckets", "novelty", "prototypes", "probe", "classes"], "predictor")
 
 
-def test_headline_command_parses_and_reports_missing_data(tmp_path):
-    r = run("simsiam.py", "--dataset", "cifar100", "--cut", "3", "--wd", "5e-4", "--data-dir", str(tmp_path),
-            "--out", str(tmp_path / "run"))
-    assert r.returncode == 2
-    assert r.stderr.startswith("error: cifar100 file train not found") and len(r.stderr.splitlines()) == 1
+def test_the_design_cards_command_tries_the_download_and_ends_in_one_sentence_offline(tmp_path, monkeypatch):
+    """`python simsiam.py --dataset cifar100 --cut 3 --wd 5e-4` on a fresh machine without internet (every URL
+    goes to a proxy on a closed local port): it tries torchvision's download, then names it and both ways out."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "")
+    r = run_script(f"{ROOT}/simsiam.py", "--dataset", "cifar100", "--cut", "3", "--wd", "5e-4", cwd=tmp_path)
+    (line,) = r.stderr.splitlines()
+    assert r.returncode == 2 and line.startswith("error: could not download cifar100 (")
+    assert f"put the extracted python-version batches in data{os.sep}cifar-100-python by hand" in line
+    assert "--no-download" in line and "--data-dir" in line
+    assert os.listdir(tmp_path) == []  # neither data/ nor a run folder is left behind
+    r = run_script(f"{ROOT}/simsiam.py", "--dataset", "cifar100", "--no-download", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: cifar100 file train not found")
+    assert os.listdir(tmp_path) == []
+
+

@@ -75,6 +75,21 @@ def test_the_verdict_needs_every_seed_and_twice_the_std():
     assert [c["verdict"] for c in fam.claims(rows) if c["key"] == "frequency"] == ["not shown"]
 
 
+def test_the_readme_table_adds_the_first_claim_from_the_laptop_grid():
+    fam = load("familiarity")
+    names = ("simsiam-c1", "simsiam-c3", "simclr-c1", "simclr-wd5e-4")
+    laptop = [{"name": n, "seed": s, "knn_top1": 50 + 5 * (n == "simsiam-c3") + s,
+               "emb_norm": 3.0 - (n == "simclr-wd5e-4"), "norm_per_epoch": [1.0, 2.0 + s / 10]}
+              for n in names for s in (0, 1, 2)]
+    lines = fam.table({"claims": []}, {"rows": laptop}).splitlines()[2:]
+    assert [line.split(" | ")[1] for line in lines] == ["shown", "shown", "shown", "not shown"]
+    assert "(seeds 0: 1, 1: 1.1, 2: 1.2)" in lines[0]  # the norm grew from 1 to 2, 2.1 and 2.2: +100, +110, +120 %
+    assert "(seeds 0: 0.333, 1: 0.333, 2: 0.333)" in lines[1]  # 3 at --wd 1e-6, 2 at --wd 5e-4: a third smaller
+    assert "(seeds 0: 5, 1: 5, 2: 5)" in lines[2]
+    assert "`python benchmarks/laptop.py --only simsiam-c1,simsiam-c3`" in lines[2]
+    assert "0 seed(s) so far" in lines[3]  # no simclr-c3 rows
+
+
 def test_one_tiny_run_writes_its_row_and_claims_and_is_not_run_again(tmp_path, capsys):
     fam = load("familiarity")
     argv = ["--out", str(tmp_path / "out"), "--only", "rep-k4", "--seeds", "0", "--images", "30", "--epochs", "1",

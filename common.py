@@ -26,7 +26,7 @@ from tqdm import tqdm
 from datasets import DATASETS, Augment, Data, channel_stats, drop_classes, load_dataset, normalize, parse_classes
 import safety
 from ddp import average_gradients, gather, init_distributed, split_batchnorm, world  # noqa: F401
-from safety import FORMAT, Diverged, UsageError, divergence_message, save_atomic
+from safety import FORMAT, Parser, RunFailed, UsageError, divergence_message, save_atomic
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -103,13 +103,6 @@ class Args:
         return validate(self)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line and exit status 2 (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """"(default: X)" after each flag's help, unless the help names it already or X is empty."""
 
@@ -179,6 +172,8 @@ def validate(args):
             return f"{flag} must be in [{low}, {high}] (got {v})"
         if low is not None and high is None and not v >= low:
             return f"{flag} must be >= {low} (got {v})"
+        if meta.get("choices") and v not in meta["choices"] and v != f.default:  # saved flags; --preset's '' passes
+            return f"{flag} must be one of {', '.join(meta['choices'])} (got {v!r})"
     checks = [  # what one flag's range cannot say
         (args.cut > 0, f"--cut must be positive (got {args.cut}); use 1 to turn cut-initialization off"),
         (args.batch_size >= 2, f"--batch-size must be at least 2, one positive pair and a batch to normalize "
@@ -266,8 +261,6 @@ def make_backbone(args, img_size):
                                                    hidden_dim=width, mlp_dim=4 * width)
         net.heads = nn.Identity()  # forward() then ends at the class token: (B, width)
         return net, width
-    if arch not in ("resnet18", "resnet50"):
-        raise UsageError(f"unknown --arch {arch!r}; choose resnet18, resnet50, vit_tiny or vit_small")
     if args.width != 64:
         if arch != "resnet18" or img_size > 64:
             raise UsageError(f"--width {args.width} needs --arch resnet18 on images of 64 px or less")
@@ -473,7 +466,7 @@ class Meter:
             loss, norm = self.step.tolist()
             if not math.isfinite(loss):
                 where = f"epoch {step // spe + 1}, step {step % spe + 1}"
-                raise Diverged(divergence_message(f"the loss became {loss}", where, self.run.args, self.run.folder))
+                raise RunFailed(divergence_message(f"the loss became {loss}", where, self.run.args, self.run.folder))
             self.shown = (loss, norm)
         self.step = 0
 
@@ -673,7 +666,7 @@ def end_epoch(run, model, optimizer, epoch):
     tensors = [*model.parameters(), *model.buffers(), *(v for state in optimizer.state.values()
                                                         for v in state.values() if torch.is_tensor(v))]
     if not torch.stack([t.detach().isfinite().all() for t in tensors if t.is_floating_point()]).all():
-        raise Diverged(divergence_message("the weights became NaN or infinite", f"epoch {done}", args, run.folder))
+        raise RunFailed(divergence_message("the weights became NaN or infinite", f"epoch {done}", args, run.folder))
     if run.rank:
         return None
     z = run.meter.last.get("z")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from safety import UsageError, check_input, save_atomic
+from safety import RunFailed, UsageError, check_input, write_atomic
 
 DATASETS = ("cifar10", "cifar100", "cifar10-lt", "cifar100-lt", "fashionmnist", "fashionmnist-lt",
             "tinyimagenet", "imagenet100", "flowers102", "synthetic")
@@ -79,17 +79,17 @@ def parse_classes(text):
         return None
 
 
-def drop_classes(data, classes, flag="--exclude-classes"):
+def drop_classes(data, classes):
     """Leave `classes` out of both splits, as if the dataset never had them (the labels
     keep their numbers); returns (the rest, the test images of the left-out classes)."""
     if not classes:
         return data, data.test_x[:0]
     if bad := [c for c in classes if not 0 <= c < data.num_classes]:
-        raise UsageError(f"{flag} {bad[0]} is not a class of {data.name}, "
+        raise UsageError(f"--exclude-classes {bad[0]} is not a class of {data.name}, "
                          f"whose classes are 0 to {data.num_classes - 1}")
     out_train, out_test = (torch.isin(y, torch.tensor(classes, device=y.device)) for y in (data.train_y, data.test_y))
     if out_train.all() or out_test.all():
-        raise UsageError(f"{flag} {','.join(map(str, classes))} leaves no images to train or test on; "
+        raise UsageError(f"--exclude-classes {','.join(map(str, classes))} leaves no images to train or test on; "
                          "leave out fewer classes")
     return (dataclasses.replace(data, train_x=data.train_x[~out_train], train_y=data.train_y[~out_train],
                                 test_x=data.test_x[~out_test], test_y=data.test_y[~out_test]), data.test_x[out_test])
@@ -214,15 +214,14 @@ def _load_images(paths, size):
     """Decode image files in parallel, resize the short side to `size` and centre-crop a square."""
     from PIL import Image
     def one(path):
+        check_input(path, "image")  # a FIFO would block Image.open
         try:
-            with Image.open(check_input(path, "image")) as im:
+            with Image.open(path) as im:
                 s = size / min(im.size)
                 im = im.convert("RGB").resize(tuple(max(size, round(n * s)) for n in im.size), Image.BILINEAR)
                 left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
                 im = im.crop((left, top, left + size, top + size))
                 return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, size, size)
-        except UsageError:
-            raise
         except Exception as e:  # missing, truncated, not an image, a decompression bomb: PIL has many errors
             raise UsageError(f"{path} is not a readable image ({type(e).__name__}); replace it with a good copy "
                              "from the dataset's archive")
@@ -254,11 +253,12 @@ def _cached(cache_path, build, num_classes, size):
             return splits
         print(f"warning: ignoring the cache {cache_path}, which {problem}; decoding the images again", file=sys.stderr)
     (train_x, train_y), (test_x, test_y) = splits = build()
-    try:
-        if len(train_y) and len(test_y):  # load_dataset refuses an empty split; it must not be cached
-            save_atomic(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y), cache_path)
-    except OSError as e:
-        print(f"warning: could not write the cache {cache_path} ({e}); decoding again next time", file=sys.stderr)
+    if len(train_y) and len(test_y):  # load_dataset refuses an empty split; it must not be cached
+        cache = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+        try:
+            write_atomic(cache_path, lambda fh: torch.save(cache, fh), "wb")
+        except RunFailed as e:  # a read-only dataset folder: the next run decodes again
+            print(f"warning: {e}; decoding again next time", file=sys.stderr)
     return splits
 
 

@@ -118,8 +118,10 @@ def check_outputs(a):
     """Refuse, before any work, an output that would overwrite a checkpoint or a run's own file or cannot be written."""
     for flag, path in [(f, p) for f, p in (("--json", a.json), ("--prototypes-out", a.prototypes_out)) if p]:
         real = os.path.realpath(path)  # a link is judged by what it leads to; a file named as a run's own is one
-        own = real.endswith(".pt") or os.path.basename(real) in ("metrics.jsonl", "args.json", "lock")
-        safety.check_output(path, [real] * own, flag)
+        if real.endswith(".pt") or os.path.basename(real) in ("metrics.jsonl", "args.json", "lock"):
+            raise safety.UsageError(f"{flag} {path} would overwrite {real}, a run's own file; choose another path")
+        if os.path.isdir(real):
+            raise safety.UsageError(f"{flag} {path} is a folder; give a file name")
         if flag == "--prototypes-out" and not path.lower().endswith(".png"):
             raise safety.UsageError(f"--prototypes-out {path}: the grid is saved as a PNG, so name it *.png")
         folder = os.path.dirname(real)

@@ -2,6 +2,7 @@
 statuses, the Ctrl-C / SIGTERM message, the folder lock, atomic saves, checkpoint checks,
 resuming and metrics repair. Nothing here is about self-supervised learning.
 """
+import argparse
 import dataclasses
 import datetime
 import json
@@ -34,14 +35,6 @@ class RunFailed(Exception):
     """The run itself failed (not the input): one sentence, exit status 1."""
 
 
-class Diverged(RunFailed):
-    """The loss or the weights became NaN or infinite."""
-
-
-class Finished(Exception):
-    """Resuming a run that has already done all its epochs: nothing to do, exit status 0."""
-
-
 def cli(main):
     """Run main() as a command, the one error boundary of every script: bad input (UsageError) is one line on stderr
     and exit status 2; a failed run (RunFailed, OSError with its path, running out of memory) one line and 1, and
@@ -54,13 +47,12 @@ def cli(main):
     handlers = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
-    except Finished as e:
-        print(e)
-        sys.exit(0)
     except (UsageError, RunFailed, OSError, MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not isinstance(e, RunFailed) and not out_of_memory(e):
             raise  # a bug: its traceback is the message
-        _drop_new_folder()
+        folder = STATUS["created"]  # the run folder this run made, removed while it holds no checkpoint
+        if folder and os.path.isdir(folder) and not any(f.endswith(".pt") for f in os.listdir(folder)):
+            shutil.rmtree(folder, ignore_errors=True)
         print(f"error: {failure(e)}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt as e:
@@ -101,11 +93,11 @@ def failure(e):
             else f"out of memory ({what}); free memory, or lower the batch size")
 
 
-def _drop_new_folder():
-    """Remove the run folder this run created, unless it already holds a checkpoint: nothing else was in it."""
-    folder = STATUS["created"]
-    if folder and os.path.isdir(folder) and not any(f.endswith(".pt") for f in os.listdir(folder)):
-        shutil.rmtree(folder, ignore_errors=True)
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _terminate(signum, frame):
@@ -136,8 +128,9 @@ def open_folder(method, args):
                              "copy the checkpoint into a new folder and resume it there")
         args = merge_resume_args(check_args(ckpt["args"], type(args), path), args)
         if ckpt["epoch"] >= args.epochs:
-            raise Finished(f"{path} has finished all {ckpt['epoch']} epochs; nothing to do (pass --epochs N with "
-                           f"N > {ckpt['epoch']} to train on). Next: python eval_knn.py {path} --all")
+            print(f"{path} has finished all {ckpt['epoch']} epochs; nothing to do (pass --epochs N with "
+                  f"N > {ckpt['epoch']} to train on). Next: python eval_knn.py {path} --all")
+            sys.exit(0)
         return args, ckpt, folder, []
     if args.resume and args.resume != "auto":
         raise UsageError(f"--resume {args.resume}: no checkpoint there; pass a last.pt, its run folder, "
@@ -274,9 +267,7 @@ def trim_metrics(path, epoch):
     written after it (a kill between the metrics line and the checkpoint) and damaged ones."""
     if os.path.exists(path):
         keep = [row for row in read_jsonl(path)[0] if row["epoch"] <= epoch]
-        with open(path + ".tmp", "w") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in keep)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, lambda fh: fh.writelines(json.dumps(row) + "\n" for row in keep))
 
 
 def divergence_message(what, where, args, folder):
@@ -297,22 +288,20 @@ def divergence_message(what, where, args, folder):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_atomic(obj, path):
-    """torch.save through write_atomic, synced to the disk before the rename."""
-    def write(fh):
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    write_atomic(path, write, "wb", f"; free some space and resume with --resume auto --out "
-                                    f"{os.path.dirname(os.path.abspath(path))}")
+    """torch.save through write_atomic; a checkpoint that cannot be saved says how to resume."""
+    write_atomic(path, lambda fh: torch.save(obj, fh), "wb", f"; free some space and resume with --resume auto --out "
+                                                             f"{os.path.dirname(os.path.abspath(path))}")
 
 
 def write_atomic(path, write, mode="w", hint=""):
-    """Every output's one way out: write(fh) into a temporary file in the same folder, then rename it to path, so
-    a kill or a full disk mid-write leaves the previous file intact and never a cut-off one."""
+    """Every output's one way out: write(fh) into a temporary file in the same folder, synced to the disk, then rename
+    it to path, so a kill, a crash or a full disk mid-write leaves the previous file intact and never a cut-off one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as fh:
             write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk, a lost mount: torch.save says RuntimeError
         kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was saved"
@@ -340,17 +329,6 @@ def check_input(path, what="input"):
     return path
 
 
-def check_output(path, protected=(), what="output"):
-    """path, if writing it would overwrite none of `protected` (a run's own files) and it is not a folder; links
-    are resolved first, so a link cannot lead a write onto a protected file."""
-    real = os.path.realpath(path)
-    if real in {os.path.realpath(p) for p in protected}:
-        raise UsageError(f"{what} {path} would overwrite {real}, a run's own file; choose another path")
-    if os.path.isdir(real):
-        raise UsageError(f"{what} {path} is a folder; give a file name")
-    return path
-
-
 def load_checkpoint(path):
     """Load a checkpoint written by this project, tensors only (weights_only=True): a file
     that carries pickled code is refused, never executed."""
@@ -366,15 +344,6 @@ def load_checkpoint(path):
     return ckpt
 
 
-def shown(value, width=40):
-    """A value read from an untrusted file, for an error message: its repr cut to `width`
-    characters (reprlib looks at only the first few items of a container), or its type."""
-    if isinstance(value, (str, bytes, int, float, bool, type(None), list, tuple, dict)):
-        text = reprlib.repr(value)
-        return text if len(text) <= width else text[: width - 3] + "..."
-    return f"a {type(value).__name__}"
-
-
 def _is_stats(v):  # [mean, std]: 3 finite numbers each, std > 0
     return (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(s, (list, tuple)) and len(s) == 3
             and all(type(x) in (int, float) and math.isfinite(x) for x in s) for s in v) and min(v[1]) > 0)
@@ -383,8 +352,8 @@ def _is_stats(v):  # [mean, std]: 3 finite numbers each, std > 0
 def _bad_tensor(k, v):  # plain CPU tensors only: meta or sparse ones would fail later, deep inside torch
     if not (isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided
             and v.device.type == "cpu"):
-        return f"{shown(v)} at {shown(k)}" if not isinstance(v, torch.Tensor) else \
-            f"a {v.layout} {v.device.type} tensor at {shown(k)}"
+        return f"{reprlib.repr(v)} at {reprlib.repr(k)}" if not isinstance(v, torch.Tensor) else \
+            f"a {v.layout} {v.device.type} tensor at {reprlib.repr(k)}"
 
 
 # What each field that rebuilding a network reads must be. 'method' is checked first: it picks
@@ -410,7 +379,7 @@ def check_checkpoint(ckpt, path):
     imported or built. Returns ckpt."""
     for field, ok, want in FIELDS:
         if not ok(ckpt.get(field)):
-            raise refuse(path, field, want, shown(ckpt.get(field)))
+            raise refuse(path, field, want, reprlib.repr(ckpt.get(field)))  # an untrusted value's repr, bounded
     if bad := next(filter(None, (_bad_tensor(k, v) for k, v in ckpt["model"].items())), None):
         raise refuse(path, "model", "a dict of parameter names to dense CPU tensors", bad)
     if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):  # never saved by a run
@@ -423,18 +392,15 @@ def check_checkpoint(ckpt, path):
 
 
 def check_args(saved, cls, path):
-    """The method's Args from a checkpoint's 'args': each flag of its field's type (an int is fine for a float),
-    choices and Args.problem()'s rules; flags it lacks (an older run) take their defaults, unknown ones are ignored."""
+    """The method's Args from a checkpoint's 'args': each flag of its field's type (an int is fine for a float), then
+    validate() as for typed flags (Args.problem); flags it lacks take their defaults, unknown ones are ignored."""
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in saved:
             continue
-        v, kind, choices = saved[f.name], f.type, f.metadata.get("choices")  # the annotation: bool for --compile
-        ok = type(v) is kind or (kind is float and type(v) is int) or v is f.default is None  # --compile's auto
-        ok = ok and (kind is not float or math.isfinite(v))
-        if not ok or (choices and v not in choices and v != f.default):  # e.g. --preset's '' (none)
-            want = f"one of {', '.join(map(str, choices))}" if ok else f"{'an' if kind is int else 'a'} {kind.__name__}"
-            raise refuse(path, f"args.{f.name}", want, shown(v))
+        v, kind = saved[f.name], f.type  # the annotation: bool for --compile
+        if not (type(v) is kind or (kind is float and type(v) is int) or v is f.default is None):  # --compile's auto
+            raise refuse(path, f"args.{f.name}", f"{'an' if kind is int else 'a'} {kind.__name__}", reprlib.repr(v))
         values[f.name] = float(v) if kind is float else v
     if problem := (args := cls(**values)).problem():  # the rules a typed flag meets, met by a saved one
         raise UsageError(f"{path} holds a flag value the command line refuses: {problem}; refusing to load it")

@@ -13,7 +13,6 @@ Measured on a 2-core Intel Xeon shared with other jobs, before `landscape` and t
 89-94 s, steps-to-converge grew like norm^2.002 over norms 0.25..10 (theory: 2), and `landscape` alone took about 2 s.
 The tables are in docs/measurements.md.
 """
-import argparse
 import csv
 import json
 import math
@@ -600,13 +599,8 @@ def run(name, seed=0, out="runs/simulate", quick=False):
     return result
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # bad input: one sentence on stderr and exit status 2, no usage dump or traceback
-        self.exit(2, f"simulate.py: {message}; see `python simulate.py --help`.\n")
-
-
 def main(argv=None):
-    parser = _Parser(description="Check the theory of Draganov et al. (ICML 2025) numerically, on the CPU.")
+    parser = safety.Parser(description="Check the theory of Draganov et al. (ICML 2025) numerically, on the CPU.")
     sub = parser.add_subparsers(dest="name", required=True, metavar="name")
     for name, (_, summary) in [*SUBCOMMANDS.items(), ("all", (None, "run every subcommand in order"))]:
         one = sub.add_parser(name, help=summary, description=summary)

@@ -156,12 +156,12 @@ def test_checkpoint_fields_are_checked(good_ckpt, field, value, says):
 # (field, crafted value, what the sentence must say): eval_knn.load_model, past check_checkpoint.
 BAD_NETWORKS = [
     ("args.lr", "fast", "'args.lr' must be a float but is 'fast'"),
-    ("args.lr", NAN, "'args.lr' must be a float but is nan"),
+    ("args.lr", NAN, "holds a flag value the command line refuses: --lr must be a finite number (got nan)"),
     ("args.cut", True, "'args.cut' must be a float but is True"),
     ("args.proj_dim", 8.0, "'args.proj_dim' must be an int but is 8.0"),
     ("args.download", 1, "'args.download' must be a bool but is 1"),
-    ("args.arch", "resnet9000", "'args.arch' must be one of resnet18, resnet50, vit_tiny, vit_small but is "
-                                "'resnet9000'"),
+    ("args.arch", "resnet9000", "holds a flag value the command line refuses: --arch must be one of resnet18, "
+                                "resnet50, vit_tiny, vit_small (got 'resnet9000')"),
     ("args.dataset", 10, "'args.dataset' must be a str but is 10"),
     ("args.proj_dim", 4, "does not match the simclr network its flags describe: 'projector.2.weight' is a "
                          "torch.float32 tensor of shape (8, 512) where the network has torch.float32 (4, 512)"),

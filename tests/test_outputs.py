@@ -112,8 +112,7 @@ def test_read_only_folder(run, tmp_path, monkeypatch, capsys):
         assert stderr_line(capsys, True) == f"error: --json {ro}/r.json: cannot write into {ro} (not a writable " \
                                             "folder); pick another"
         assert cli(simulate.main, "landscape", "--quick", "--out", ro) == 2
-        assert stderr_line(capsys, True) == f"simulate.py: cannot write into --out {ro} (permission denied); see " \
-                                            "`python simulate.py --help`."
+        assert stderr_line(capsys, True) == f"error: cannot write into --out {ro} (permission denied) (see --help)"
     ro.chmod(0o755)
     # A folder that only the write finds read-only (a read-only mount, as root): exit 1 and the old file kept.
     monkeypatch.setattr(safety, "open", failing_open(errno.EROFS), raising=False)
@@ -142,8 +141,8 @@ def test_folder_where_a_file_goes(run, tmp_path, capsys):
         assert stderr_line(capsys, True).startswith(f"error: {says}")
     # simulate.py: a file in the way of --out before any work; a folder where an output goes stops its write.
     assert cli(simulate.main, "landscape", "--quick", "--out", tmp_path / "file" / "sub") == 2
-    assert stderr_line(capsys, True).startswith(f"simulate.py: cannot use --out {tmp_path}/file/sub as the output "
-                                                "folder (Not a directory)")
+    assert stderr_line(capsys, True).startswith(f"error: cannot use --out {tmp_path}/file/sub as the output folder "
+                                                "(Not a directory)")
     assert cli(simulate.main, "landscape", "--quick", "--out", tmp_path / "sim") == 1
     err = stderr_line(capsys)
     assert err.startswith(f"error: could not write {tmp_path}/sim/landscape.csv (") and "Is a directory" in err, err

@@ -293,4 +293,4 @@ def test_bad_input_is_one_sentence_and_status_2(argv, capsys, monkeypatch):
         simulate.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("simulate.py: ") and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err

@@ -351,7 +351,7 @@ def figure(rows, path):
     if (plt := pyplot()) is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, seed in enumerate(sorted({r["seed"] for r in rows})):
+    for i, seed in enumerate(sorted({r["seed"] for r in rows if r["name"] in REPEATS})):
         for space, style, marker in (("loss", "-", "o"), ("backbone", "--", "s")):
             ks = [k for n, k in REPEATS.items() if any(r["name"] == n and r["seed"] == seed for r in rows)]
             ys = [r["familiarity"][space]["relative"] for k in ks for r in rows

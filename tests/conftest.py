@@ -26,6 +26,30 @@ def run_script(*argv, timeout=600, cwd=ROOT, threads=None):
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def run_main(main, *argv, threads=None, cwd=ROOT):
+    """main(argv) in this process, through safety.cli as a script's `if __name__ == "__main__"` runs it: the
+    same exit status, stdout and stderr as run_script gives, without the 2-3 s a new interpreter spends
+    importing torch. For every check that needs no process of its own; a signal, a kill, torchrun and one
+    "as a user types it" check per behaviour do, and use run_script."""
+    import contextlib
+    import io
+    import subprocess
+    import safety
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    here, before, code = os.getcwd(), torch.get_num_threads(), 0
+    try:
+        os.chdir(cwd)
+        torch.set_num_threads(threads or int(os.environ["OMP_NUM_THREADS"]))  # as run_script's runs get
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            safety.cli(lambda: main([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(before)
+        os.chdir(here)
+    return subprocess.CompletedProcess(argv, code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode())
+
+
 def make_run(args, n=16, size=8, classes=2):
     """A common.Run over n random uint8 images on the CPU, for driving a script's train_step."""
     import common

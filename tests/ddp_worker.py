@@ -1,5 +1,13 @@
 """One optimizer step of a method on fixed inputs, run by tests/test_ddp.py once as a
-single process and once under torchrun with 2 processes, which must agree."""
+single process and once under torchrun with 2 processes, which must agree; and each
+script's main() in turn under one torchrun.
+
+    python tests/ddp_worker.py steps METHOD=OUT.pt ...     # each method's steps, into its file
+    python tests/ddp_worker.py scripts '[["simclr.py", "--epochs", "1", ...], ...]'
+
+One torchrun for all of them: every start costs each process seconds of importing torch."""
+import importlib
+import json
 import os
 import sys
 
@@ -10,6 +18,7 @@ import common
 import ddp  # noqa: E402
 import datasets  # noqa: E402
 import moco  # noqa: E402
+import safety  # noqa: E402
 import simclr  # noqa: E402
 
 B = 8  # the global batch
@@ -30,6 +39,7 @@ def main(method, out):
         result["grad"] = common.gather(z.grad.transpose(0, 1).contiguous(), grad=False).transpose(0, 1)
         result["scaled"] = torch.tensor(float(size))
     else:
+        randperm = torch.randperm
         if method == "simclr":
             module, args, sync = simclr, simclr.Args(proj_dim=16, batch_size=B, lr=1.0, warmup=0, epochs=1), True
         elif method == "moco-v3":
@@ -41,15 +51,18 @@ def main(method, out):
             torch.randperm = lambda n, **kw: torch.arange(n, device=kw.get("device"))  # no shuffle: comparable keys
             args = moco.Args(queue=16, bn_splits=2, batch_size=B, warmup=0, epochs=1)
             module, sync = moco, False
-        # A Run of 10 steps in all, so that step i is at progress i / 10, as the scripts' loops see it.
-        images = torch.zeros(10 * B, 3, 16, 16, dtype=torch.uint8)
-        data = datasets.Data("fixed", images, None, None, None, num_classes=1)
-        run = common.Run(method, args, torch.device("cpu"), data, [0.5] * 3, [0.25] * 3, "", None, rank, size)
-        model = common.prepare(module.build_model(args, 16), run, sync_bn=sync)
-        opt = common.make_optimizer(args, [p for p in model.parameters() if p.requires_grad], run.device)
-        views = (lambda pair: pair[0], lambda pair: pair[1])  # the batch is the pair of views itself
-        for i in range(2):
-            module.train_step(model, opt, [(x1, x2)], views, run, i)
+        try:
+            # A Run of 10 steps in all, so that step i is at progress i / 10, as the scripts' loops see it.
+            images = torch.zeros(10 * B, 3, 16, 16, dtype=torch.uint8)
+            data = datasets.Data("fixed", images, None, None, None, num_classes=1)
+            run = common.Run(method, args, torch.device("cpu"), data, [0.5] * 3, [0.25] * 3, "", None, rank, size)
+            model = common.prepare(module.build_model(args, 16), run, sync_bn=sync)
+            opt = common.make_optimizer(args, [p for p in model.parameters() if p.requires_grad], run.device)
+            views = (lambda pair: pair[0], lambda pair: pair[1])  # the batch is the pair of views itself
+            for i in range(2):
+                module.train_step(model, opt, [(x1, x2)], views, run, i)
+        finally:
+            torch.randperm = randperm  # a test may run this in its own process
         result.update({k: v for k, v in model.named_parameters()})
         for name in ("queue", "queue_ptr"):
             if hasattr(model, name):
@@ -61,11 +74,31 @@ def main(method, out):
             result.update({k: v for k, v in model.named_buffers() if "running" in k})
     if rank == 0:
         torch.save({k: v.detach() for k, v in result.items()}, out)
-    if size > 1:  # leave together: a rank that exits with the group still open can abort in gloo's threads
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+
+
+def scripts(runs):
+    """Each [script, flags...] of runs in turn, its main() through safety.cli as `torchrun script.py flags` runs it.
+    They share one process group: torch names a default group made again after destroy_process_group as it named
+    the first, and under torchrun's one store the new group would read the old one's keys and wait forever. So the
+    first script joins the group (ddp.init_distributed) and only the last one leaves it (common.finish)."""
+    import torch.distributed as dist
+    destroy = dist.destroy_process_group
+    try:
+        for i, (script, *argv) in enumerate(runs):
+            dist.destroy_process_group = destroy if i == len(runs) - 1 else lambda group=None: None
+            module = importlib.import_module(script[:-3])
+            safety.cli(lambda: module.main(argv))
+    finally:
+        dist.destroy_process_group = destroy
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "scripts":
+        scripts(json.loads(sys.argv[2]))
+    else:
+        for pair in sys.argv[2:]:
+            main(*pair.split("=", 1))
+        if "RANK" in os.environ:  # leave together: a rank that exits with the group open can abort in gloo's threads
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()

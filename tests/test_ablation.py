@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT
 
 TINY = ["--dataset", "synthetic", "--subset", "0", "--batch-size", "64", "--width", "8", "--proj-dim", "16",
         "--pred-dim", "8", "--warmup", "0"]
@@ -105,19 +105,22 @@ def test_ablation_grid_writes_rows_skips_them_after_and_prints_the_table(tmp_pat
            f"{rows[1]['knn_top1']:.3g} |" in table
 
 
-def test_ablation_names_an_unknown_row():
-    r = run_script("benchmarks/ablation.py", "--rows", "baseline,nope", "--table")
-    assert r.returncode == 2 and "--rows nope: not in the grid" in r.stderr
+def test_ablation_names_an_unknown_row(capsys):
+    with pytest.raises(SystemExit) as e:
+        load("ablation").main(["--rows", "baseline,nope", "--table"])
+    assert e.value.code == 2 and "--rows nope: not in the grid" in capsys.readouterr().err
 
 
-def test_side_by_side_times_both_pipelines_on_the_same_threads(tmp_path):
+def test_side_by_side_times_both_pipelines_on_the_same_threads(tmp_path, monkeypatch, capsys):
     out = tmp_path / "side.json"
     i = TINY.index("--pred-dim")
     tiny = TINY[:i] + TINY[i + 2:]  # flags simclr.py has too
     # SimCLR: plain_pipeline.py's SimSiam has the tests above. --extra=: argparse would read the value as a flag.
-    r = run_script("benchmarks/side_by_side.py", "--methods", "simclr", "--configs", "1:0", "--epochs", "3",
-                   "--timed", "2", "--json", str(out), f"--extra={' '.join(tiny)}")
-    assert r.returncode == 0, r.stderr
+    # In-process: the two timed runs are processes of their own, as in the real benchmark.
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # where `python benchmarks/...` finds laptop.py
+    load("side_by_side").main(["--methods", "simclr", "--configs", "1:0", "--epochs", "3", "--timed", "2",
+                               "--json", str(out), f"--extra={' '.join(tiny)}"])
+    stdout = capsys.readouterr().out
     runs = json.load(open(out))["runs"]
     assert [(row["method"], row["threads"], row["plain_workers"]) for row in runs] == [("simclr", 1, 0)]
     (row,) = runs
@@ -126,4 +129,4 @@ def test_side_by_side_times_both_pipelines_on_the_same_threads(tmp_path):
         assert len(epochs) == 2 and min(epochs) > 0
         assert row[f"{kind}_seconds"] == pytest.approx(sum(epochs) + epochs[1], abs=0.002)
     assert row["ratio"] == pytest.approx(row["plain_seconds"] / row["script_seconds"], rel=1e-2)
-    assert "| simclr | 1 | 0 |" in r.stdout
+    assert "| simclr | 1 | 0 |" in stdout

@@ -1,6 +1,6 @@
 """The embedding-norm analyses of eval_knn.py: rank statistics against hand-computed
-values, each analysis on hand-built embeddings whose answer is known, and the real CLI
-end to end on a checkpoint from one tiny CPU epoch of SimCLR."""
+values, each analysis on hand-built embeddings whose answer is known, and the CLI end to end
+(main() through safety.cli, in-process) on a checkpoint from one tiny CPU epoch of SimCLR."""
 import importlib.util
 import json
 import math
@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_main
 
 import safety
 import datasets
 import eval_extras as ex
 import eval_knn as ek
+import simclr
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -309,16 +310,16 @@ def test_cli_without_checkpoint_or_with_unknown_analysis(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("analyses") / "simclr"
-    r = run_script("simclr.py", "--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--epochs", "1",
-                   "--width", "16", "--device", "cpu", "--out", str(out))
+    r = run_main(simclr.main, "--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--epochs", "1",
+                 "--width", "16", "--device", "cpu", "--out", out)
     assert r.returncode == 0, r.stderr
     return out
 
 
 def test_all_analyses_on_a_checkpoint(run_dir, tmp_path):
     js, png = tmp_path / "all.json", tmp_path / "protos.png"
-    r = run_script("eval_knn.py", str(run_dir / "last.pt"), "--all", "--json", str(js), "--prototypes-out", str(png),
-                   "--device", "cpu", "--ood", "synthetic", "--heldout-classes", "0")
+    r = run_main(ek.main, run_dir / "last.pt", "--all", "--json", js, "--prototypes-out", png,
+                 "--device", "cpu", "--ood", "synthetic", "--heldout-classes", "0")
     assert r.returncode == 0, r.stderr
     for header in ("weighted 200-NN top-1", "norm vs k-NN accuracy", "novelty (backbone", "linear probe",
                    "norm per class", "Spearman(norm bin, accuracy)"):
@@ -349,8 +350,8 @@ def test_all_analyses_on_a_checkpoint(run_dir, tmp_path):
 
 def test_each_analysis_in_its_own_space(run_dir, tmp_path):
     js = tmp_path / "proj.json"
-    r = run_script("eval_knn.py", str(run_dir / "last.pt"), "--space", "projector", "--analyses",
-                   "buckets,classes:loss,probe:backbone", "--probe-epochs", "5", "--json", str(js), "--device", "cpu")
+    r = run_main(ek.main, run_dir / "last.pt", "--space", "projector", "--analyses",
+                 "buckets,classes:loss,probe:backbone", "--probe-epochs", "5", "--json", str(js), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     res = json.load(open(js))
     assert res["space"] == "projector" and "(projector features)" in r.stdout
@@ -375,7 +376,7 @@ def test_opposite_on_a_checkpoint(run_dir, tmp_path, capsys):
 
 def test_compare_the_run_with_itself(run_dir, tmp_path):
     js, figs = tmp_path / "cmp.json", tmp_path / "figs"
-    r = run_script("eval_knn.py", "--compare", str(run_dir), str(run_dir), "--json", str(js), "--figures", str(figs))
+    r = run_main(ek.main, "--compare", run_dir, run_dir, "--json", js, "--figures", figs)
     assert r.returncode == 0, r.stderr
     runs = json.load(open(js))["runs"]
     logged = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -391,7 +392,7 @@ def test_compare_the_run_with_itself(run_dir, tmp_path):
 
 
 def test_bad_input_exits_2_with_one_line(run_dir):
-    r = run_script("eval_knn.py", str(run_dir / "last.pt"), "--ood", "mnist:/tmp", "--device", "cpu")
+    r = run_main(ek.main, run_dir / "last.pt", "--ood", "mnist:/tmp", "--device", "cpu")
     assert r.returncode == 2 and r.stderr.startswith("error: --ood 'mnist:/tmp' names no dataset")
     assert r.stderr.strip().count("\n") == 0
 
@@ -400,12 +401,11 @@ def test_a_run_trained_without_some_classes(tmp_path):
     """--exclude-classes 3: training and k-NN never see class 3; eval_knn.py evaluates on the
     other classes and adds class 3's test images to novelty as the set 'unseen classes'."""
     out, js = tmp_path / "run", tmp_path / "r.json"
-    r = run_script("simclr.py", "--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--epochs", "1",
-                   "--width", "16", "--exclude-classes", "3", "--device", "cpu", "--out", str(out))
+    r = run_main(simclr.main, "--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--epochs", "1",
+                 "--width", "16", "--exclude-classes", "3", "--device", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "step=3 " in r.stdout  # 48 training images of classes 0-2, batch 16
-    r = run_script("eval_knn.py", str(out / "last.pt"), "--analyses", "novelty,buckets", "--json", str(js),
-                   "--device", "cpu")
+    r = run_main(ek.main, out / "last.pt", "--analyses", "novelty,buckets", "--json", js, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     res = json.load(open(js))
     logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["knn_top1"]
@@ -416,5 +416,5 @@ def test_a_run_trained_without_some_classes(tmp_path):
     assert list(sets) == ["train", "test", "unseen classes", "vflip", "noise"]
     assert (sets["test"]["count"], sets["unseen classes"]["count"]) == (48, 16)
     assert 0 <= sets["unseen classes"]["auroc"] <= 1
-    r = run_script("eval_knn.py", str(out / "last.pt"), "--heldout-classes", "1", "--device", "cpu")
+    r = run_main(ek.main, out / "last.pt", "--heldout-classes", "1", "--device", "cpu")
     assert r.returncode == 2 and "trained without classes 3" in r.stderr

@@ -5,8 +5,10 @@ no file changed that held good data.
 A section runs the real script as a subprocess once for each new exit path, checking the
 whole of it (status 2, one 'error: ' line naming the culprit, no traceback, files
 byte-identical), and checks its other cases in-process through the function that raises
-the UsageError, which is much faster (a subprocess spends seconds importing torch). To add
-a section, follow that pattern under a new heading:
+the UsageError, or through main() and safety.cli (conftest.run_main), which is much faster
+(a subprocess spends seconds importing torch). Section 7 starts a process only where one
+is needed: for a signal to stop, or to hold the folder's lock. To add a section, follow
+that pattern under a new heading:
 
     1. checkpoints read by eval_knn.py: the method module, field types, weights
     2. CIFAR batch pickles that would run code when loaded
@@ -37,7 +39,7 @@ import safety
 import datasets
 import eval_knn
 import simclr
-from conftest import run_script
+from conftest import run_main, run_script
 from test_data import publish_cifar, publish_flowers, save_jpeg, write_cifar, write_fashion, write_flowers, write_idx
 
 
@@ -580,7 +582,7 @@ def test_every_declared_range_is_enforced(capsys, script):
 def good_run(tmp_path_factory):
     """One finished epoch of SimCLR on the synthetic data, made once for this file."""
     out = tmp_path_factory.mktemp("good") / "run"
-    r = run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out))
+    r = run_main(simclr.main, *TINY, "--epochs", "1", "--out", out)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -630,7 +632,7 @@ EPOCHS = ["--epochs", "5"]  # long enough that a signal sent after epoch 1 lands
 def whole_run(tmp_path_factory):
     """Uninterrupted epochs: what every interrupted and resumed run must equal, bitwise."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    r = run_script("simclr.py", *TINY, *EPOCHS, "--out", str(out))
+    r = run_main(simclr.main, *TINY, *EPOCHS, "--out", out)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -639,7 +641,7 @@ def start(out, *extra):
     import subprocess
     import sys
     from conftest import ROOT
-    # The same threads as run_script's runs (conftest's OMP_NUM_THREADS): bitwise equality
+    # The same threads as run_main's runs (conftest's OMP_NUM_THREADS): bitwise equality
     # needs the same order of float additions.
     return subprocess.Popen([sys.executable, "simclr.py", *TINY, *EPOCHS, "--out", str(out), *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -679,7 +681,7 @@ def test_a_signal_mid_epoch_names_the_safe_epoch_and_resume_finishes_bitwise(tmp
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # no temporary file left behind
     if signal_name == "SIGINT":
         return  # how a run resumes does not depend on the signal that stopped it: once is enough
-    r = run_script("simclr.py", "--resume", "auto", "--out", str(out))
+    r = run_main(simclr.main, "--resume", "auto", "--out", out)  # the resume needs no process of its own
     assert r.returncode == 0, r.stderr
     checkpoints_equal(whole_run / "last.pt", out / "last.pt")
 
@@ -694,7 +696,7 @@ def test_a_signal_before_the_first_checkpoint_claims_none(tmp_path, whole_run):
     if saved_epoch(out):
         pytest.skip("the first epoch finished before the signal arrived")
     assert proc.returncode == 143 and "holds no checkpoint" in err and "from epoch 0" in err, err
-    r = run_script("simclr.py", *TINY, *EPOCHS, "--resume", "auto", "--out", str(out))
+    r = run_main(simclr.main, *TINY, *EPOCHS, "--resume", "auto", "--out", out)
     assert r.returncode == 0, r.stderr
     checkpoints_equal(whole_run / "last.pt", out / "last.pt")
 
@@ -749,8 +751,8 @@ def test_nan_weights_stop_the_run_and_keep_the_good_checkpoint(good_run, tmp_pat
 def test_nan_weights_from_a_huge_lr_are_caught(tmp_path):
     # On this CPU, lr 1e12 leaves a finite loss but NaN weights after epoch 1 (the case the
     # loss check alone missed); elsewhere the loss may go first. Either way: status 1, no checkpoint.
-    r = run_script("simclr.py", *TINY, "--epochs", "1", "--power", "1", "--lr", "1e12", "--warmup", "0",
-                   "--out", str(tmp_path / "run"))
+    r = run_main(simclr.main, *TINY, "--epochs", "1", "--power", "1", "--lr", "1e12", "--warmup", "0",
+                 "--out", tmp_path / "run")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "became" in r.stderr and "no checkpoint was written" in r.stderr
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -760,7 +762,7 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(
     out = tmp_path / "run"
     proc = start(out)
     wait_for(lambda: (out / "lock").exists(), proc)
-    second = run_script("simclr.py", *TINY, *EPOCHS, "--resume", "auto", "--out", str(out))
+    second = run_main(simclr.main, *TINY, *EPOCHS, "--resume", "auto", "--out", out)  # the first run is a process
     assert_refused(second, str(out), f"pid {proc.pid}")
     assert proc.poll() is None  # the first run was not disturbed
     proc.terminate()
@@ -768,7 +770,7 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(
     assert not (out / "lock").exists()  # a run that ends releases its lock
     # A lock whose process is gone (a SIGKILL, a crash) is taken over with a notice.
     (out / "lock").write_text("999999999")
-    r = run_script("simclr.py", *TINY, *EPOCHS, "--resume", "auto", "--out", str(out))
+    r = run_main(simclr.main, *TINY, *EPOCHS, "--resume", "auto", "--out", out)
     assert r.returncode == 0 and "taking over" in r.stderr, r.stderr
     assert not (out / "lock").exists()
 
@@ -780,7 +782,7 @@ def test_a_folder_without_a_checkpoint_starts_over_with_resume_auto(tmp_path, wh
     out.mkdir()
     (out / "args.json").write_text("{}")
     (out / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n{"epo')
-    r = run_script("simclr.py", *TINY, *EPOCHS, "--resume", "auto", "--out", str(out))
+    r = run_main(simclr.main, *TINY, *EPOCHS, "--resume", "auto", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "has no checkpoint yet: starting from epoch 0" in r.stderr
     assert [json_epoch(line) for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
@@ -798,7 +800,7 @@ def test_a_damaged_metrics_file_is_trimmed_on_resume(good_run, tmp_path):
     shutil.copytree(good_run, out)
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write('garbage\n{"epoch": 2, "loss": 1.0}\n{"epoch": 3, "lo')  # a later epoch, and a torn line
-    r = run_script("simclr.py", "--resume", "auto", "--out", str(out), "--epochs", "2")
+    r = run_main(simclr.main, "--resume", "auto", "--out", out, "--epochs", "2")
     assert r.returncode == 0, r.stderr
     assert "skipped 2 damaged lines" in r.stderr
     assert [json_epoch(line) for line in open(out / "metrics.jsonl")] == [1, 2]
@@ -806,6 +808,6 @@ def test_a_damaged_metrics_file_is_trimmed_on_resume(good_run, tmp_path):
 
 def test_resuming_a_finished_run_does_nothing_and_says_so(good_run):
     before = snapshot(good_run)
-    r = run_script("simclr.py", "--resume", str(good_run))  # a folder stands for its last.pt
+    r = run_main(simclr.main, "--resume", good_run)  # a folder stands for its last.pt
     assert r.returncode == 0 and "has finished all 1 epochs; nothing to do" in r.stdout, r.stderr
     assert snapshot(good_run) == before

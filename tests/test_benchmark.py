@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main
 
 import byol
 import common
@@ -21,13 +21,13 @@ import moco
 import simclr
 import simsiam
 
-SMOKE = ["benchmarks/throughput.py", "--device", "cpu", "--images", "64", "--batch-size", "16", "--size", "16",
-         "--steps", "2", "--warmup-steps", "1", "--workers", "0", "--knn-bank", "64", "--knn-queries", "32"]
+SMOKE = ["--device", "cpu", "--images", "64", "--batch-size", "16", "--size", "8", "--steps", "2",
+         "--warmup-steps", "1", "--workers", "0", "--knn-bank", "64", "--knn-queries", "32"]
 HEADER = "method   | floor s/epoch | full s/epoch | full/floor | PIL s/epoch | PIL/full | peak GB | syncs/step"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("throughput", os.path.join(ROOT, "benchmarks", "throughput.py"))
+def load_benchmark(name="throughput"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -44,8 +44,9 @@ def seconds(tree, path=""):
 
 
 def test_cpu_smoke_run_prints_the_table_and_writes_consistent_json(tmp_path):
+    """In-process through safety.cli (gpu_check.py starts throughput.py as a process, below)."""
     out = tmp_path / "bench.json"
-    r = run_script(*SMOKE, "--json", str(out), timeout=300)
+    r = run_main(load_benchmark().main, *SMOKE, "--json", out)
     assert r.returncode == 0, r.stderr
     assert HEADER in r.stdout
     assert "k-NN: 64 bank, 32 queries, 512-d: extract" in r.stdout
@@ -162,19 +163,22 @@ def test_a_training_step_reads_nothing_back_but_the_periodic_loss_check(name, mo
 
 # ----------------------------------------------------------------------------- the laptop grid and the GPU check
 
-def test_gpu_check_runs_its_whole_cpu_fallback_path(tmp_path):
+def test_gpu_check_runs_its_whole_cpu_fallback_path(tmp_path, capsys):
     """benchmarks/gpu_check.py on this CPU, at a tiny budget: the torchrun and fp16 runs (the
     other five are the same path with other scripts), then the throughput benchmark, into one
-    JSON and one table (small idx files in the real format)."""
+    JSON and one table (small idx files in the real format). Its main() runs in-process; its
+    runs and the benchmark are processes of their own, as always."""
     from test_data import write_fashion
     write_fashion(str(tmp_path / "fashion"), n=64)
     out = tmp_path / "check"
-    r = run_script("benchmarks/gpu_check.py", "--out", str(out), "--data-dir", str(tmp_path / "fashion"),
-                   "--device", "cpu", "--epochs", "1", "--subset", "64", "--batch-size", "32",
-                   "--extra", "--width 8 --proj-dim 16", "--runs", "simclr-torchrun,simsiam-fp16",
-                   "--throughput", "--device cpu --images 32 --batch-size 16 --size 16 --steps 1 --warmup-steps 0 "
-                                   "--workers 0 --knn-bank 32 --knn-queries 16 --methods simclr --skip-pil")
-    assert r.returncode == 0, r.stdout + r.stderr
+    code = load_benchmark("gpu_check").main([
+        "--out", str(out), "--data-dir", str(tmp_path / "fashion"), "--device", "cpu", "--epochs", "1",
+        "--subset", "64", "--batch-size", "32", "--extra", "--width 8 --proj-dim 16",
+        "--runs", "simclr-torchrun,simsiam-fp16",
+        "--throughput", "--device cpu --images 32 --batch-size 16 --size 8 --steps 1 --warmup-steps 0 --workers 0 "
+                        "--knn-bank 32 --knn-queries 16 --methods simclr --skip-pil"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout + "".join(open(f).read() for f in sorted(out.glob("*.log")))
     result = json.load(open(out / "gpu_check.json"))
     assert result["cuda"] is False and "simclr" in result["throughput"]["methods"]
     assert sorted(result["runs"]) == ["simclr-torchrun", "simsiam-fp16"]
@@ -183,7 +187,7 @@ def test_gpu_check_runs_its_whole_cpu_fallback_path(tmp_path):
         assert "--dataset fashionmnist" in run["command"] and run["seconds_per_epoch"] > 0
     assert result["runs"]["simsiam-fp16"]["device"].endswith("fp16 autocast with a gradient scaler")
     assert "torch.distributed.run" in result["runs"]["simclr-torchrun"]["command"]
-    assert "| simsiam-fp16 | cpu" in r.stdout and f"wrote {out / 'gpu_check.json'}" in r.stdout
+    assert "| simsiam-fp16 | cpu" in stdout and f"wrote {out / 'gpu_check.json'}" in stdout
 
 
 def test_laptop_grid_writes_rows_as_it_goes_and_resumes(tmp_path):
@@ -191,16 +195,13 @@ def test_laptop_grid_writes_rows_as_it_goes_and_resumes(tmp_path):
     write_fashion(str(tmp_path / "fashion"), n=64)
     argv = ["--out", str(tmp_path / "results"), "--only", "simclr-unseen", "--seeds", "0", "--epochs", "1",
             "--extra", f"--data-dir {tmp_path / 'fashion'} --subset 0 --batch-size 32 --proj-dim 16 --width 8"]
-    r = run_script("benchmarks/laptop.py", *argv)
-    assert r.returncode == 0, r.stderr
+    laptop = load_benchmark("laptop")
+    laptop.main(argv)  # in-process; the grid's run is a process of its own, as always
     rows = json.load(open(tmp_path / "results" / "laptop.json"))["rows"]
     assert [(row["name"], row["seed"]) for row in rows] == [("simclr-unseen", 0)]
     row = rows[0]
     assert row["auroc_unseen"] is not None and 0 <= row["knn_top1"] <= 100
     assert "--preset laptop" in row["command"] and row["epochs"] == 1 and len(row["norm_per_epoch"]) == 1
-    spec = importlib.util.spec_from_file_location("laptop", os.path.join(ROOT, "benchmarks", "laptop.py"))
-    laptop = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(laptop)
     again = laptop.main(argv)  # nothing left to do: no run is repeated, the rows stay
     assert again["rows"] == rows
     assert "| simclr-unseen | `--exclude-classes 8,9` | 1 |" in laptop.table(rows)

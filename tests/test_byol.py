@@ -1,6 +1,6 @@
 """BYOL: the loss against its closed form, the EMA update and its schedule, the
 stop-gradient into the target, cut-init reaching the target, GradScale on p, and the
-real script end to end on the synthetic data."""
+script end to end on the synthetic data (its main() through safety.cli, in-process)."""
 import json
 import math
 import re
@@ -11,8 +11,9 @@ import torch
 
 import byol
 import common
+import eval_knn
 
-from conftest import ROOT, gradients_at_p, make_run, run_script
+from conftest import gradients_at_p, make_run, run_main
 
 
 def squared_distance_of_unit_vectors(p, z):
@@ -138,14 +139,11 @@ def test_logged_statistics_sit_on_the_loss_device():
     assert "tau" in run.meter.sums and {v.device for v in run.meter.sums.values()} == {meta}
 
 
-def run(*cmd, cwd=ROOT):
-    return run_script(*cmd, cwd=cwd)
-
-
 def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
     out = tmp_path / "run"
-    r = run("byol.py", "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1", "--width",
-            "16", "--hidden-dim", "64", "--proj-dim", "32", "--cut", "3", "--out", str(out), "--device", "cpu")
+    r = run_main(byol.main, "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1",
+                 "--width", "16", "--hidden-dim", "64", "--proj-dim", "32", "--cut", "3", "--out", out,
+                 "--device", "cpu")
     assert r.returncode == 0, r.stderr
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):
@@ -160,8 +158,8 @@ def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
               and "running" not in k and "num_batches" not in k]
     assert sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"]) == len(online)
     # Every analysis, where the loss sees the embedding: the predictor output p.
-    r = run("eval_knn.py", str(out / "last.pt"), "--all", "--space", "loss", "--probe-epochs", "2",
-            "--json", str(tmp_path / "all.json"), "--device", "cpu")
+    r = run_main(eval_knn.main, out / "last.pt", "--all", "--space", "loss", "--probe-epochs", "2",
+                 "--json", tmp_path / "all.json", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     acc = re.search(r"byol epoch 1 on synthetic: weighted 200-NN top-1 = ([\d.]+)% \(predictor features\)", r.stdout)
     assert acc and 0 <= float(acc.group(1)) <= 100, r.stdout

@@ -1,7 +1,13 @@
-"""torchrun with 2 CPU processes (gloo) against one process on the same global batch."""
+"""torchrun with 2 CPU processes (gloo) against one process on the same global batch.
+
+Each torchrun start costs seconds of importing torch in the launcher and in each process, so the
+cases share starts: one torchrun of tests/ddp_worker.py takes every method's steps, one runs every
+script's main() in turn, and one runs simclr.py as a user types it."""
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,23 +19,37 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ONE = 1
 
 
-def one_and_two(method, tmp_path):
-    """The worker's result in one process and under torchrun; the single process runs
+STEPS = ["infonce", "simclr", "moco-v3", "moco-v2"]  # the worker's methods
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    """{method: the worker's result in one process, under torchrun}. The single process runs here,
     alongside the two (the comparison allows float noise, so the thread count may differ)."""
-    import subprocess
-    import sys
-    single, double = tmp_path / "one.pt", tmp_path / "two.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    alone = subprocess.Popen([sys.executable, "tests/ddp_worker.py", method, str(single)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    r = run_script(*TORCHRUN, "tests/ddp_worker.py", method, str(double), threads=ONE)
-    assert alone.wait() == 0, alone.stderr.read().decode()
-    assert r.returncode == 0, r.stderr
-    return torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+    import ddp_worker
+    folder = tmp_path_factory.mktemp("steps")
+    files = {m: (folder / f"{m}-one.pt", folder / f"{m}-two.pt") for m in STEPS}
+    env = {**os.environ, "OMP_NUM_THREADS": str(ONE)}
+    two = subprocess.Popen([sys.executable, *TORCHRUN, "tests/ddp_worker.py", "steps",
+                            *(f"{m}={f[1]}" for m, f in files.items())], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the other core is the two processes'
+        for m, f in files.items():
+            ddp_worker.main(m, f[0])
+    except BaseException:
+        two.kill()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    _, err = two.communicate()
+    assert two.returncode == 0, err
+    return {m: tuple(torch.load(f, weights_only=True) for f in pair) for m, pair in files.items()}
 
 
-def test_gathered_negatives_gradient(tmp_path):
-    one, two = one_and_two("infonce", tmp_path)
+def test_gathered_negatives_gradient(steps):
+    one, two = steps["infonce"]
     # Each rank's loss is the mean over its own anchors, so its gradient is world x the
     # single-process one; averaging over ranks restores it.
     assert two["scaled"].item() == 2
@@ -37,8 +57,8 @@ def test_gathered_negatives_gradient(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco-v3", "moco-v2"])
-def test_two_processes_take_the_same_steps_as_one(method, tmp_path):
-    one, two = one_and_two(method, tmp_path)
+def test_two_processes_take_the_same_steps_as_one(method, steps):
+    one, two = steps[method]
     if method == "moco-v2":  # --bn-splits 2 imitates 2 GPUs in one process; each of 2 ranks is one, with plain BN
         assert set(one.pop("bn_splits").tolist()) == {2} and set(two.pop("bn_splits").tolist()) == {1}
     assert one.keys() == two.keys()
@@ -49,14 +69,27 @@ def test_two_processes_take_the_same_steps_as_one(method, tmp_path):
     assert "queue" in one if method == "moco-v2" else "queue" not in one
 
 
-@pytest.mark.parametrize("script", [["simclr.py"], ["simsiam.py", "--proj-dim", "64", "--pred-dim", "16"],
-                                    ["byol.py", "--hidden-dim", "64", "--proj-dim", "16"],
-                                    ["moco.py", "--version", "v2", "--queue", "32", "--bn-splits", "2"],
-                                    ["moco.py", "--version", "v3", "--arch", "vit_tiny", "--mlp-dim", "64"]])
-def test_every_script_trains_under_torchrun(script, tmp_path):
-    out = tmp_path / "run"
-    r = run_script(*TORCHRUN, *script, "--dataset", "synthetic", "--subset", "32", "--batch-size", "16",
-                   "--width", "16", "--epochs", "1", "--device", "cpu", "--out", str(out), threads=ONE)
+SCRIPTS = [["simclr.py"], ["simsiam.py", "--proj-dim", "64", "--pred-dim", "16"],
+           ["byol.py", "--hidden-dim", "64", "--proj-dim", "16"],
+           ["moco.py", "--version", "v2", "--queue", "32", "--bn-splits", "2"],
+           ["moco.py", "--version", "v3", "--arch", "vit_tiny", "--mlp-dim", "64"]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(the torchrun's result, {i: the run folder of SCRIPTS[i]}): every script's main() in turn, under one
+    torchrun of 2 processes (test_batch_must_split_evenly_over_ranks starts `torchrun simclr.py` itself)."""
+    folder = tmp_path_factory.mktemp("torchrun")
+    outs = {i: folder / str(i) for i in range(len(SCRIPTS))}
+    runs = [[*script, "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--width", "16",
+             "--epochs", "1", "--device", "cpu", "--out", str(outs[i])] for i, script in enumerate(SCRIPTS)]
+    return run_script(*TORCHRUN, "tests/ddp_worker.py", "scripts", json.dumps(runs), threads=ONE), outs
+
+
+@pytest.mark.parametrize("i", range(len(SCRIPTS)), ids=["simclr", "simsiam", "byol", "moco-v2", "moco-v3"])
+def test_every_script_trains_under_torchrun(i, trained):
+    r, outs = trained
+    script, out = SCRIPTS[i], outs[i]
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["args.json", "last.pt", "metrics.jsonl"]  # rank 0 alone writes
     lines = open(out / "metrics.jsonl").read().splitlines()

@@ -121,9 +121,10 @@ def test_a_vit_small_checkpoint_without_its_head_count_is_flagged(tiny_run, caps
 
 
 def test_simulate_with_an_unwritable_out_is_one_sentence(tmp_path):
-    from conftest import run_script
+    from conftest import run_main
+    import simulate
     (tmp_path / "file").write_text("kept")
-    r = run_script("simulate.py", "norms", "--quick", "--out", str(tmp_path / "file" / "sub"))
+    r = run_main(simulate.main, "norms", "--quick", "--out", tmp_path / "file" / "sub")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--out" in r.stderr, r.stderr
     assert (tmp_path / "file").read_text() == "kept"
 

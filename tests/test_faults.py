@@ -14,7 +14,7 @@ import datasets
 import eval_knn
 import safety
 import simclr
-from conftest import ROOT
+from conftest import ROOT, run_main
 from test_bad_input import snapshot
 from test_data import save_jpeg, write_fashion, write_idx
 
@@ -76,9 +76,8 @@ def test_a_fifo_or_a_folder_where_a_file_goes_is_refused_without_blocking(tmp_pa
     assert r.returncode == 2
     assert r.stderr.decode().strip() == f"error: checkpoint {fifo} is a FIFO (named pipe), not a file"
     (tmp_path / "run" / "last.pt").mkdir(parents=True)
-    r = script("simclr.py", "--resume", "auto", "--out", str(tmp_path / "run"))
-    assert r.returncode == 2 and r.stderr.decode().strip() == (f"error: checkpoint {tmp_path}/run/last.pt is a folder, "
-                                                               "not a file")
+    r = run_main(simclr.main, "--resume", "auto", "--out", tmp_path / "run")  # a folder cannot block: in-process
+    assert r.returncode == 2 and r.stderr.strip() == f"error: checkpoint {tmp_path}/run/last.pt is a folder, not a file"
     data = tmp_path / "fashion"
     write_fashion(data, n=8)
     os.remove(data / "t10k-images-idx3-ubyte.gz")
@@ -136,13 +135,20 @@ def test_a_checkpoints_values_meet_the_rules_of_typed_flags(tmp_path, capsys, tr
 
 # ----------------------------------------------------------------------------- environment
 
-def test_torchrun_variables_that_torchrun_did_not_set_are_one_sentence(tmp_path):
-    for env in ({"RANK": "0", "WORLD_SIZE": "abc"}, {"RANK": "0", "WORLD_SIZE": "0", "MASTER_ADDR": "localhost",
-                                                     "MASTER_PORT": "29500"}):
-        r = script("simclr.py", *TINY, "--out", str(tmp_path / "run"), env=env)
-        err = r.stderr.decode().strip()
-        assert r.returncode == 2 and err.startswith("error: RANK is set") and "unset RANK" in err, err
-        assert os.listdir(tmp_path) == []
+def test_torchrun_variables_that_torchrun_did_not_set_are_one_sentence(tmp_path, monkeypatch):
+    # In a subprocess where a process group could be joined, and wait: the timeout ends the test.
+    r = script("simclr.py", *TINY, "--out", str(tmp_path / "run"),
+               env={"RANK": "0", "WORLD_SIZE": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"})
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and err.startswith("error: RANK is set") and "unset RANK" in err, err
+    assert os.listdir(tmp_path) == []
+    # With no valid WORLD_SIZE no group can be joined, whatever else is set: in-process.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    r = run_main(simclr.main, *TINY, "--out", tmp_path / "run")
+    err = r.stderr.strip()
+    assert r.returncode == 2 and err.startswith("error: RANK is set") and "unset RANK" in err, err
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_path_that_is_not_utf8_is_printed_escaped_on_a_strict_stdout(tmp_path):
@@ -156,9 +162,9 @@ def test_an_idx_file_with_no_images_is_one_sentence(tmp_path):
     write_fashion(tmp_path, n=8)
     write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), np.zeros((0, 28, 28)), gz=True)  # a valid header, N = 0
     write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), np.zeros(0), gz=True)
-    r = script("simclr.py", "--dataset", "fashionmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"))
-    assert r.returncode == 2 and r.stderr.decode().strip() == (f"error: fashionmnist in {tmp_path} has no training "
-                                                               "images; check --data-dir and the folder layout")
+    r = run_main(simclr.main, "--dataset", "fashionmnist", "--data-dir", tmp_path, "--out", tmp_path / "run")
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: fashionmnist in {tmp_path} has no training images; "
+                                                      "check --data-dir and the folder layout")
     assert not (tmp_path / "run").exists()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_run, run_script
+from conftest import make_run, run_main
 
 import common
 import ddp
@@ -349,7 +349,7 @@ def test_bad_flags_are_one_sentence(flags, message, tmp_path, capsys):
 
 def train_and_evaluate(tmp_path_factory, *flags):
     out = tmp_path_factory.mktemp("moco")
-    r = run_script("moco.py", *TINY, *flags, "--out", str(out))
+    r = run_main(moco.main, *TINY, *flags, "--out", out)
     assert r.returncode == 0, r.stderr
     # --accum 2 (v3 only): one warning that a micro-batch's in-batch negatives are fewer.
     assert r.stderr.count("warning: with --accum 2 each micro-batch of 8 images is its own contrastive batch, "
@@ -358,8 +358,8 @@ def train_and_evaluate(tmp_path_factory, *flags):
     for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):
         assert isinstance(line[key], float) and math.isfinite(line[key]), key
     # Every analysis at the loss's embedding, k-NN top-1 on the backbone as logged in training.
-    r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu", "--json", str(out / "knn.json"),
-                   "--all", "--space", "loss", "--analyses", "knn:backbone", "--probe-epochs", "2")
+    r = run_main(eval_knn.main, out / "last.pt", "--device", "cpu", "--json", out / "knn.json",
+                 "--all", "--space", "loss", "--analyses", "knn:backbone", "--probe-epochs", "2")
     assert r.returncode == 0, r.stderr
     # eval_knn rebuilt the network from the checkpoint alone and finds the logged accuracy.
     assert f"moco epoch 1 on synthetic: weighted 200-NN top-1 = {line['knn_top1']:.2f}%" in r.stdout

@@ -1,4 +1,5 @@
 """Long runs survive: kill-and-resume equivalence, safe checkpoint writes, bad input."""
+import importlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import common
 import safety
 import eval_knn
 import simclr
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main, run_script
 
 TINY = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--device", "cpu", "--width", "16",
         "--knn-every", "2", "--save-every", "0"]
@@ -69,7 +70,8 @@ def test_kill_and_resume_is_bitwise_identical(name, tmp_path):
     killed_at = kill_after_epoch([*script, *TINY, "--epochs", "3", "--out", str(part)], part, 1, env=env)
     assert uninterrupted.wait() == 0, uninterrupted.stderr.read().decode()
     assert killed_at < 3, "the run finished before the kill; the test proves nothing"
-    r = run_script(*script, "--resume", str(part / "last.pt"), threads=1)
+    module = importlib.import_module(script[0][:-3])  # the resumed run in-process, on the same one thread
+    r = run_main(module.main, *script[1:], "--resume", part / "last.pt", threads=1)
     assert r.returncode == 0, r.stderr
     a, b = safety.load_checkpoint(str(whole / "last.pt")), safety.load_checkpoint(str(part / "last.pt"))
     assert a["epoch"] == b["epoch"] == 3
@@ -117,8 +119,8 @@ def evil_checkpoint(path):
 def test_pickled_code_is_refused_by_resume_and_eval(tmp_path):
     path = tmp_path / "last.pt"
     evil_checkpoint(path)
-    for argv in (["simclr.py", "--resume", str(path)], ["eval_knn.py", str(path)]):
-        r = run_script(*argv)
+    for main, argv in ((simclr.main, ["--resume", path]), (eval_knn.main, [path])):
+        r = run_main(main, *argv)
         assert r.returncode == 2 and "pickled code" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(str(path) + ".pwned")
 
@@ -175,7 +177,7 @@ def run_in_process(argv, capsys):
 
 
 def test_every_bad_input_is_one_sentence_exit_2_and_changes_nothing(tmp_path, capsys, monkeypatch):
-    assert run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(tmp_path / "good")).returncode == 0
+    assert run_main(simclr.main, *TINY, "--epochs", "1", "--out", tmp_path / "good").returncode == 0
     cases = bad_inputs(tmp_path)
     snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     monkeypatch.chdir(ROOT)
@@ -194,16 +196,17 @@ def test_every_bad_input_is_one_sentence_exit_2_and_changes_nothing(tmp_path, ca
 def test_resume_from_another_method_is_refused(tmp_path):
     if not available("simsiam"):
         pytest.skip("simsiam.py not present")
+    import simsiam
     out = tmp_path / "run"
-    assert run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out)).returncode == 0
-    r = run_script("simsiam.py", "--resume", str(out / "last.pt"))
+    assert run_main(simclr.main, *TINY, "--epochs", "1", "--out", out).returncode == 0
+    r = run_main(simsiam.main, "--resume", out / "last.pt")
     assert r.returncode == 2 and "is a simclr checkpoint; resume it with simclr.py" in r.stderr
 
 
 def test_resuming_an_older_checkpoint_would_not_overwrite_last(tmp_path):
     out = tmp_path / "run"
-    r = run_script("simclr.py", *TINY[:-2], "--save-every", "1", "--epochs", "2", "--out", str(out))
+    r = run_main(simclr.main, *TINY[:-2], "--save-every", "1", "--epochs", "2", "--out", out)
     assert r.returncode == 0, r.stderr
-    r = run_script("simclr.py", "--resume", str(out / "epoch1.pt"))
+    r = run_main(simclr.main, "--resume", out / "epoch1.pt")
     assert r.returncode == 2 and "would overwrite" in r.stderr
     assert safety.load_checkpoint(str(out / "last.pt"))["epoch"] == 2

@@ -1,12 +1,14 @@
-"""simclr.py and eval_knn.py end to end on the CPU, on tiny data."""
+"""simclr.py and eval_knn.py end to end on the CPU, on tiny data, in-process through safety.cli (as their
+__main__ runs them; test_quickstart.py starts both as a user types them)."""
 import json
 import os
 
 import pytest
 import torch
 
-from conftest import make_run, run_script
+from conftest import make_run, run_main
 
+import eval_knn
 import safety
 import simclr
 
@@ -17,8 +19,8 @@ TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--dev
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "simclr"
-    r = run_script("simclr.py", *TINY, "--epochs", "2", "--knn-every", "1", "--save-every", "2",
-                   "--cut", "3", "--power", "1", "--accum", "2", "--out", str(out))
+    r = run_main(simclr.main, *TINY, "--epochs", "2", "--knn-every", "1", "--save-every", "2",
+                 "--cut", "3", "--power", "1", "--accum", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -55,7 +57,7 @@ def test_colour_jitter_strength_follows_the_image_size(size, jitter):
 
 def test_eval_knn_reads_the_checkpoint(trained, tmp_path):
     out, _ = trained
-    r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu", "--json", str(tmp_path / "r.json"))
+    r = run_main(eval_knn.main, out / "last.pt", "--device", "cpu", "--json", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr
     assert "weighted 200-NN top-1 = " in r.stdout
     result = json.load(open(tmp_path / "r.json"))
@@ -64,7 +66,7 @@ def test_eval_knn_reads_the_checkpoint(trained, tmp_path):
     # The number matches the one logged at the end of training (same features, same protocol).
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]["knn_top1"]
     assert result["knn_top1"] == pytest.approx(logged)
-    r = run_script("eval_knn.py", str(out / "last.pt"), "--device", "cpu", "--space", "projector", "--k", "5")
+    r = run_main(eval_knn.main, out / "last.pt", "--device", "cpu", "--space", "projector", "--k", "5")
     assert r.returncode == 0 and "(projector features)" in r.stdout
 
 
@@ -80,7 +82,7 @@ def test_cut_init_is_in_the_trained_model(trained):
 
 def test_missing_data_is_one_sentence_and_creates_nothing(tmp_path):
     out = tmp_path / "never"
-    r = run_script("simclr.py", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out), "--no-download")
+    r = run_main(simclr.main, "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out), "--no-download")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: cifar10 file data_batch_1 not found")
     assert not out.exists()
@@ -88,12 +90,12 @@ def test_missing_data_is_one_sentence_and_creates_nothing(tmp_path):
 
 def test_existing_output_folder_is_not_touched(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    r = run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(tmp_path))
+    r = run_main(simclr.main, *TINY, "--epochs", "1", "--out", tmp_path)
     assert r.returncode == 2 and "already exists" in r.stderr
     assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
 
 
 def test_eval_knn_refuses_a_broken_checkpoint(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"\x00" * 100)
-    r = run_script("eval_knn.py", str(tmp_path / "last.pt"))
+    r = run_main(eval_knn.main, tmp_path / "last.pt")
     assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr

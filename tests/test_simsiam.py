@@ -1,5 +1,5 @@
 """SimSiam: the loss against closed forms, the stop-gradient, GradScale on p, cut-init,
-fix-pred-lr, and the real script end to end on the synthetic data."""
+fix-pred-lr, and the script end to end on the synthetic data (its main() through safety.cli, in-process)."""
 import json
 import math
 import os
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import eval_knn
 import simsiam
 
-from conftest import ROOT, gradients_at_p, run_script
+from conftest import ROOT, gradients_at_p, run_main, run_script
 
 
 def cosines(p, z):
@@ -78,14 +79,10 @@ def test_cut_init_divides_every_initial_weight():
         assert torch.equal(b, a / 3), name
 
 
-def run(*cmd, cwd=ROOT):
-    return run_script(*cmd, cwd=cwd)
-
-
 def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
     out = tmp_path / "run"
-    r = run("simsiam.py", "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1",
-            "--width", "16", "--proj-dim", "64", "--pred-dim", "16", "--out", str(out), "--device", "cpu")
+    r = run_main(simsiam.main, "--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--epochs", "1",
+                 "--width", "16", "--proj-dim", "64", "--pred-dim", "16", "--out", out, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "emb_norm_mean", "emb_norm_std", "feat_norm_mean", "collapse_std", "knn_top1"):
@@ -101,8 +98,8 @@ def test_script_end_to_end_and_eval_knn_reads_its_checkpoint(tmp_path):
     assert len(groups[1]["params"]) == len([k for k in ckpt["model"] if k.startswith("predictor.")
                                             and "running" not in k and "num_batches" not in k])
     # Every analysis, where the loss sees the embedding: the predictor output p.
-    r = run("eval_knn.py", str(out / "last.pt"), "--all", "--space", "loss", "--probe-epochs", "2",
-            "--json", str(tmp_path / "all.json"), "--device", "cpu")
+    r = run_main(eval_knn.main, out / "last.pt", "--all", "--space", "loss", "--probe-epochs", "2",
+                 "--json", tmp_path / "all.json", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     acc = re.search(r"simsiam epoch 1 on synthetic: weighted 200-NN top-1 = ([\d.]+)% \(predictor features\)", r.stdout)
     assert acc and 0 <= float(acc.group(1)) <= 100, r.stdout
@@ -124,7 +121,7 @@ def test_the_design_cards_command_tries_the_download_and_ends_in_one_sentence_of
     assert f"put the extracted python-version batches in data{os.sep}cifar-100-python by hand" in line
     assert "--no-download" in line and "--data-dir" in line
     assert os.listdir(tmp_path) == []  # neither data/ nor a run folder is left behind
-    r = run_script(f"{ROOT}/simsiam.py", "--dataset", "cifar100", "--no-download", cwd=tmp_path)
+    r = run_main(simsiam.main, "--dataset", "cifar100", "--no-download", cwd=tmp_path)  # the same, in-process
     assert r.returncode == 2 and r.stderr.startswith("error: cifar100 file train not found")
     assert os.listdir(tmp_path) == []
 

@@ -147,9 +147,7 @@ LINES = {  # the analyses that print one line instead of a table
     "prototypes": "\nprototypes ({space} features): {png}; a row per class, the 10 largest train norms on the left, "
                   "the 10 smallest on the right",
     "probe": "\nlinear probe ({space} features, {epochs} epochs of Adam): top-1 = {top1:.2f}% "
-             "(train {train_top1:.2f}%)",
-    "opposite": "\nopposite halves ({space} features; two augmented views of each of the {pairs} test images): "
-                "{rate:.2%} of positive pairs have cos < {threshold:g} ({opposite} pairs); mean cos {mean_cos:.4f}"}
+             "(train {train_top1:.2f}%)"}
 
 
 def report(name, r):
@@ -275,10 +273,10 @@ def stat_text(r, what="Spearman rho"):
     return f"{what} = {r['spearman']:.3f}" if r.get("spearman") is not None else r.get("note", "Spearman undefined")
 
 
-def bars(ax, bins, key, scale=1.0, width=None):
+def bars(ax, bins, key, scale=1.0):
     """The bins (eval_knn.binned's) that have a value, as bars with their image counts on top; returns them."""
     kept = [b for b in bins if b[key] is not None]
-    drawn = ax.bar([b["lo"] for b in kept], [scale * b[key] for b in kept], width=width or 1 / len(bins),
+    drawn = ax.bar([b["lo"] for b in kept], [scale * b[key] for b in kept], width=1 / len(bins),
                    align="edge", edgecolor="white")
     ax.bar_label(drawn, labels=[str(b["count"] or "") for b in kept], fontsize=6, rotation=90, padding=2)
     return kept
@@ -351,18 +349,6 @@ def figure_human(r, ctx=""):
     return fig
 
 
-def figure_opposite(r, ctx=""):
-    [ax] = new_figure().axes
-    edges, counts = r["histogram"]["edges"], r["histogram"]["counts"]
-    bars(ax, [{"lo": e, "count": c} for e, c in zip(edges, counts)], "count", width=edges[1] - edges[0])
-    ax.axvline(r["threshold"], color="tab:red", lw=1, label=f"threshold cos = {r['threshold']:g}")
-    ax.legend(fontsize=7, loc="upper left")
-    return label(ax, "cosine of the two views' embeddings (unitless)", "positive pairs (count)",
-                 f"two augmented views of each test image ({r['space']} features)", ctx,
-                 f"opposite-halves rate {100 * r['rate']:.1f}% ({r['opposite']} of {r['pairs']} pairs below cos "
-                 f"{r['threshold']:g}); mean cos {r['mean_cos']:.3f}", xlim=(-1, 1), ylim=(0, 1.2 * max(counts + [1])))
-
-
 def figure_prototypes(r, ctx=""):
     from matplotlib.image import imread
     img = imread(r["png"])  # the grid prototypes() saved: 2 px padding around every tile
@@ -378,7 +364,7 @@ def figure_prototypes(r, ctx=""):
 
 
 FIGURES = {"buckets": figure_buckets, "novelty": figure_novelty, "classes": figure_classes,
-           "human": figure_human, "opposite": figure_opposite, "prototypes": figure_prototypes}
+           "human": figure_human, "prototypes": figure_prototypes}
 
 
 def draw_figures(result, folder):

@@ -12,7 +12,6 @@ norm encodes confidence; each analysis tests one facet (--analyses NAME[:SPACE],
     probe       linear classifier on frozen features: top-1 (Table S4)
     classes     mean train norm per class against class frequency (long-tailed data)
     human       per bin of norm, are CIFAR-10N/100N's human labels right, do CIFAR-10H's agree (Fig. 4)
-    opposite    fraction of positive pairs with cos < --opposite-cos (App. C.2, Table S1)
     --compare   loss, norms and k-NN top-1 per epoch of several runs side by side (Fig. 5, S4)
 
     python eval_knn.py runs/<run>/last.pt --all --space loss --json out.json --figures figs
@@ -36,10 +35,9 @@ import eval_extras
 import safety
 from common import embed, knn_predict
 
-ANALYSES = ("knn", "buckets", "novelty", "prototypes", "probe", "classes", "human", "opposite")
-ALL = ANALYSES[:6]  # what --all runs: human needs downloaded files, opposite is no confidence facet
+ANALYSES = ("knn", "buckets", "novelty", "prototypes", "probe", "classes", "human")
+ALL = ANALYSES[:6]  # what --all runs: human needs downloaded files
 SPACES = ("backbone", "projector", "predictor", "loss")
-OWN_SPACE = {"opposite": "loss"}  # the opposite-halves effect is about the angles the loss sees
 MIN_LABELS, MIN_ENTROPY = 50, 10  # human: smaller bins are left out, as in the authors' "Norm as Accuracy.ipynb"
 
 
@@ -237,34 +235,6 @@ def human_confidence(dataset, folder, train_norms, train_y, test_norms, test_y, 
     return out
 
 
-@torch.no_grad()
-def positive_pair_cosines(model, x, augment, space, seed=0, batch_size=512):
-    """cos(e1_i, e2_i) of two augmented views of image x_i in `space`, under their own seed; BatchNorm in eval mode."""
-    was_training, device, cos = model.training, next(model.parameters()).device, []
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for batch in x.to(device).split(batch_size):
-            x1, x2 = augment(batch), augment(batch)  # (B, 3, H, W) each, normalized
-            with common.autocast(device, "bf16" if common.amp_dtype(device) == torch.bfloat16 else "fp32"):
-                e1, e2 = common.features(model, x1, space), common.features(model, x2, space)
-            cos.append(F.cosine_similarity(e1.float(), e2.float(), dim=1).cpu())  # (B,)
-    model.train(was_training)
-    return torch.cat(cos)
-
-
-def opposite_halves(cos, threshold=0.0, bins=20):
-    """Table S1: the fraction of positive pairs with cosine below `threshold` (at 0: in opposite
-    half-spaces, which slows the cosine's convergence, Fig. 2a), the mean and a histogram."""
-    cos = torch.as_tensor(cos, dtype=torch.float64).flatten().cpu()
-    below = cos < threshold
-    idx = ((cos.clamp(-1, 1) + 1) / 2 * bins).long().clamp(0, bins - 1)  # cos = 1 joins the last bin
-    return {"pairs": len(cos), "threshold": threshold, "opposite": int(below.sum()),
-            "rate": below.double().mean().item(), "mean_cos": cos.mean().item(),
-            "histogram": {"edges": [round(-1 + 2 * i / bins, 9) for i in range(bins + 1)],
-                          "counts": torch.bincount(idx, minlength=bins).tolist()}}
-
-
 # ----------------------------------------------------------------------------- command line
 
 def evaluate(a):
@@ -284,7 +254,7 @@ def evaluate(a):
             raise safety.UsageError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")
         if space and space not in SPACES:
             raise safety.UsageError(f"unknown space {space!r} in --analyses {item}; choose from {', '.join(SPACES)}")
-        chosen[name] = space or OWN_SPACE.get(name, a.space)  # without one: the analysis' own, else --space
+        chosen[name] = space or a.space
     device, _ = common.pick_device(a.device)
     model, ckpt = load_model(a.checkpoint, device)
     run, mean, std = ckpt["args"], *map(tuple, ckpt["data_stats"])
@@ -349,12 +319,9 @@ def evaluate(a):
                              a.probe_epochs, a.probe_lr, seed=a.seed)
         elif name == "classes":
             r = class_frequency(norm_summary(feats("train", s), data.train_y, data.num_classes))
-        elif name == "human":
+        else:
             r = human_confidence(run["dataset"], a.human_dir or data_dir, norms("train", s), data.train_y,
                                  norms("test", s), data.test_y, a.bins)
-        else:  # opposite: both views as simclr.py and simsiam.py draw them (BYOL and MoCo v3 draw an asymmetric pair)
-            cos = positive_pair_cosines(model, data.test_x, datasets.Augment(data.size, mean, std), s, a.seed)
-            r = {"views": f"datasets.Augment defaults, seed {a.seed}", **opposite_halves(cos, a.opposite_cos)}
         result["analyses"][name] = r = {"space": s, **r}
         eval_extras.report(name, r)
     return result
@@ -369,7 +336,7 @@ def main(argv=None):
     add("--space", default="backbone", choices=SPACES, help="features for every analysis without its own: backbone "
         "h, projector z, predictor p, or loss (where the loss sees the embedding, as the paper measures norms)")
     add("--analyses", help="comma-separated NAME[:SPACE] from " + ", ".join(ANALYSES))
-    add("--all", action="store_true", help="run " + ", ".join(ALL) + "; human and opposite run only when named")
+    add("--all", action="store_true", help="run " + ", ".join(ALL) + "; human runs only when named")
     add("--bins", type=int, default=20, help="buckets, human: equal-width bins of norm / max norm")
     add("--ood", action="append", default=[], metavar="NAME[:DATA_DIR]", help="novelty (implied): also embed this "
         "dataset's test split at the run's image size and --subset; repeat for several; DATA_DIR: the run's")
@@ -378,8 +345,7 @@ def main(argv=None):
     add("--probe-epochs", type=int, default=100, help="probe: epochs of Adam over the frozen features")
     add("--probe-lr", type=float, default=1e-3, help="probe: Adam learning rate")
     add("--human-dir", help="human: folder of the CIFAR-N and CIFAR-10H files (docs/evaluation.md); None: --data-dir")
-    add("--opposite-cos", type=float, default=0.0, help="opposite: count pairs with cos < this (0: opposite halves)")
-    add("--seed", type=int, default=0, help="seed of the noise images, the probe's batch order and the opposite views")
+    add("--seed", type=int, default=0, help="seed of the noise images and the probe's batch order")
     add("--compare", nargs="+", default=None, metavar="RUN", help="instead of a checkpoint: run folders (or their "
         "metrics.jsonl); prints each run's loss, norms and k-NN top-1 per epoch, then a summary line per run")
     add("--figures", help="folder for PNG figures (only where matplotlib is installed)")
@@ -390,8 +356,7 @@ def main(argv=None):
     for bad, says in [(a.k < 1, f"--k must be >= 1 (got {a.k})"), (a.bins < 1, f"--bins must be >= 1 (got {a.bins})"),
                       (not 0 < a.t < math.inf, f"--t must be positive and finite (got {a.t})"),
                       (not 0 < a.probe_lr < math.inf, f"--probe-lr must be positive and finite (got {a.probe_lr})"),
-                      (a.probe_epochs < 0, f"--probe-epochs must be >= 0 (got {a.probe_epochs})"),
-                      (not -1 <= a.opposite_cos <= 1, f"--opposite-cos must be in [-1, 1] (got {a.opposite_cos})")]:
+                      (a.probe_epochs < 0, f"--probe-epochs must be >= 0 (got {a.probe_epochs})")]:
         if bad:
             p.error(says)
     if a.checkpoint and os.path.isdir(a.checkpoint):  # a run folder stands for its last.pt

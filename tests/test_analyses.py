@@ -187,62 +187,6 @@ def test_per_class_norms_follow_frequency():
                                 "(a balanced set)")
 
 
-# ----------------------------------------------------------------------------- opposite halves (App. C.2)
-
-def test_opposite_halves_rate_on_hand_cosines():
-    cos = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])
-    r = ek.opposite_halves(cos, bins=4)
-    assert (r["pairs"], r["opposite"], r["rate"], r["mean_cos"]) == (5, 2, 0.4, 0.0)  # cos 0 is not below 0
-    assert r["histogram"] == {"edges": [-1.0, -0.5, 0.0, 0.5, 1.0], "counts": [1, 1, 1, 2]}  # cos 1: last bin
-    assert ek.opposite_halves(cos, threshold=0.6)["rate"] == 0.8
-    assert ek.opposite_halves(cos, threshold=-1.0)["rate"] == 0.0
-
-
-class FixedDirections(torch.nn.Module):
-    """Ignores the pixels. Its first call (view 1 of a batch) embeds every image along e1,
-    its second (view 2) image i along -e1 if i is even, along e2 if odd: cos -1 or 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.tensor(3.0))  # any norm: only directions count
-        self.calls = 0
-        self.projector, self.predictor = torch.nn.Identity(), None
-
-    def backbone(self, x):
-        out = torch.zeros(len(x), 4)
-        if self.calls % 2 == 0:
-            out[:, 0] = 1
-        else:
-            out[0::2, 0], out[1::2, 1] = -1, 1
-        self.calls += 1
-        return self.scale * out
-
-
-def test_positive_pair_cosines_with_fixed_directions():
-    model, x = FixedDirections(), torch.zeros(10, 3, 8, 8, dtype=torch.uint8)
-    augment = datasets.Augment(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    rng = torch.get_rng_state()
-    cos = ek.positive_pair_cosines(model, x, augment, "projector", batch_size=4)  # batches of 4, 4, 2
-    assert cos.tolist() == pytest.approx([-1.0, 0.0] * 5, abs=1e-6) and model.calls == 6
-    assert model.training and torch.equal(torch.get_rng_state(), rng)  # both left as they were
-    r = ek.opposite_halves(cos)
-    assert (r["opposite"], r["rate"], r["mean_cos"]) == (5, 0.5, pytest.approx(-0.5))
-    assert ek.opposite_halves(cos, threshold=0.01)["rate"] == 1.0
-
-
-def test_positive_pair_cosines_repeat_under_their_seed():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=g)
-    model = torch.nn.Module()
-    model.backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
-    model.projector = torch.nn.Linear(8, 4)
-    augment = datasets.Augment(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    a = ek.positive_pair_cosines(model, x, augment, "projector", seed=1)
-    assert a.shape == (12,) and (a.abs() <= 1 + 1e-6).all() and (a < 1 - 1e-4).any()  # the two views differ
-    assert torch.equal(a, ek.positive_pair_cosines(model, x, augment, "projector", seed=1))
-    assert not torch.equal(a, ek.positive_pair_cosines(model, x, augment, "projector", seed=2))
-
-
 def test_draw_figures_only_with_matplotlib(tmp_path):
     norms, correct = rising_buckets()
     result = {"runs": {"a": [{"epoch": 1, "loss": 1.0, "emb_norm_mean": 2.0, "feat_norm_mean": 3.0, "knn_top1": None}]},
@@ -357,21 +301,6 @@ def test_each_analysis_in_its_own_space(run_dir, tmp_path):
     assert res["space"] == "projector" and "(projector features)" in r.stdout
     spaces = {k: v["space"] for k, v in res["analyses"].items()}
     assert spaces == {"buckets": "projector", "classes": "projector", "probe": "backbone"}  # SimCLR's loss: z
-
-
-def test_opposite_on_a_checkpoint(run_dir, tmp_path, capsys):
-    # Named without a space, opposite runs where the loss sees the embedding (SimCLR: z),
-    # whatever --space says; --all leaves it out (see test_all_analyses_on_a_checkpoint).
-    r = ek.main([str(run_dir / "last.pt"), "--analyses", "opposite", "--device", "cpu"])["analyses"]["opposite"]
-    assert r["space"] == "projector" and r["pairs"] == 64 and sum(r["histogram"]["counts"]) == 64
-    assert 0 <= r["rate"] <= 1 and r["threshold"] == 0.0 and -1 <= r["mean_cos"] <= 1
-    assert "opposite halves (projector features; two augmented views of each of the 64 test images)" in \
-        capsys.readouterr().out
-    # ResNet features come out of a ReLU: never negative, so no pair is in opposite halves.
-    r = ek.main([str(run_dir / "last.pt"), "--analyses", "opposite:backbone", "--device", "cpu"])
-    assert r["analyses"]["opposite"]["space"] == "backbone" and r["analyses"]["opposite"]["rate"] == 0.0
-    with pytest.raises(SystemExit):
-        ek.main([str(run_dir / "last.pt"), "--analyses", "opposite", "--opposite-cos", "2"])
 
 
 def test_compare_the_run_with_itself(run_dir, tmp_path):

@@ -94,16 +94,6 @@ def test_human_figure_has_both_panels_with_counts_and_spearman():
 
 
 @needs_mpl
-def test_opposite_figure_has_the_rate_and_the_threshold():
-    r = {"space": "projector", **ek.opposite_halves(torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]), bins=4)}
-    ax = ex.figure_opposite(r, CTX).axes[0]
-    check_axes(ax)
-    assert "opposite-halves rate 40.0% (2 of 5 pairs below cos 0); mean cos 0.000" in ax.get_title()
-    assert bar_texts(ax) == ["1", "1", "1", "2"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["threshold cos = 0"]
-
-
-@needs_mpl
 def test_prototypes_figure_labels_classes_with_their_counts(tmp_path):
     labels = torch.arange(30) % 3
     images = torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8)
@@ -192,11 +182,11 @@ def test_every_command_prints_the_files_it_wrote(tmp_path, capsys):
     # A checkpoint: the numbers, the prototype grid and one figure per analysis.
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt", dataset="synthetic", subset=32)
     js, grid = tmp_path / "eval.json", tmp_path / "grid.png"
-    ek.main([ckpt, "--analyses", "buckets,classes,opposite,prototypes", "--prototypes-out", str(grid),
+    ek.main([ckpt, "--analyses", "buckets,classes,prototypes", "--prototypes-out", str(grid),
              "--json", str(js), "--figures", str(figs), "--device", "cpu"])
     out = capsys.readouterr().out
     assert f"numbers: {js}\n" in out and f"prototypes (backbone features): {grid};" in out and grid.exists()
-    for name in (["buckets.png", "classes.png", "opposite.png", "prototypes.png"] if HAS_MPL else []):
+    for name in (["buckets.png", "classes.png", "prototypes.png"] if HAS_MPL else []):
         assert f"figure: {figs / name}\n" in out and (figs / name).exists()
     res = json.load(open(js))["analyses"]
     assert res["classes"]["spearman"] is None and "balanced set" in res["classes"]["note"]  # null plus the reason

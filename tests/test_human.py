@@ -253,5 +253,5 @@ def test_cli_names_the_missing_file_in_one_line(tmp_path, capsys):
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: CIFAR-100_human.pt not found in {tmp_path / 'labels'}; download it from "
                           "github.com/UCSC-REAL/cifar-10-100n")
-    with pytest.raises(safety.UsageError, match="human, opposite"):  # listed among the analyses
+    with pytest.raises(safety.UsageError, match="classes, human$"):  # listed among the analyses
         ek.main([ckpt, "--analyses", "humans"])

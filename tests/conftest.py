@@ -30,17 +30,23 @@ def run_main(main, *argv, threads=None, cwd=ROOT):
     """main(argv) in this process, through safety.cli as a script's `if __name__ == "__main__"` runs it: the
     same exit status, stdout and stderr as run_script gives, without the 2-3 s a new interpreter spends
     importing torch. For every check that needs no process of its own; a signal, a kill, torchrun and one
-    "as a user types it" check per behaviour do, and use run_script."""
+    "as a user types it" check per behaviour do, and use run_script. Writes to the file descriptors
+    themselves (C code, child processes) are not caught here."""
     import contextlib
     import io
     import subprocess
+    import warnings
     import safety
     out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
     here, before, code = os.getcwd(), torch.get_num_threads(), 0
     try:
         os.chdir(cwd)
         torch.set_num_threads(threads or int(os.environ["OMP_NUM_THREADS"]))  # as run_script's runs get
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # shown on its stderr, as a new interpreter's default filters show them
+            for kind in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", kind)
+            warnings.showwarning = lambda *w: err.write(warnings.formatwarning(*w[:4]))
             safety.cli(lambda: main([str(a) for a in argv]))
     except SystemExit as e:
         code = e.code

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_main
+from conftest import ROOT, run_main, run_script
 
 import byol
 import common
@@ -163,22 +163,21 @@ def test_a_training_step_reads_nothing_back_but_the_periodic_loss_check(name, mo
 
 # ----------------------------------------------------------------------------- the laptop grid and the GPU check
 
-def test_gpu_check_runs_its_whole_cpu_fallback_path(tmp_path, capsys):
+def test_gpu_check_runs_its_whole_cpu_fallback_path(tmp_path):
     """benchmarks/gpu_check.py on this CPU, at a tiny budget: the torchrun and fp16 runs (the
     other five are the same path with other scripts), then the throughput benchmark, into one
-    JSON and one table (small idx files in the real format). Its main() runs in-process; its
-    runs and the benchmark are processes of their own, as always."""
+    JSON and one table (small idx files in the real format). As a user types it: its exit
+    status is the verdict a GPU session reads."""
     from test_data import write_fashion
     write_fashion(str(tmp_path / "fashion"), n=64)
     out = tmp_path / "check"
-    code = load_benchmark("gpu_check").main([
-        "--out", str(out), "--data-dir", str(tmp_path / "fashion"), "--device", "cpu", "--epochs", "1",
-        "--subset", "64", "--batch-size", "32", "--extra", "--width 8 --proj-dim 16",
-        "--runs", "simclr-torchrun,simsiam-fp16",
-        "--throughput", "--device cpu --images 32 --batch-size 16 --size 8 --steps 1 --warmup-steps 0 --workers 0 "
-                        "--knn-bank 32 --knn-queries 16 --methods simclr --skip-pil"])
-    stdout = capsys.readouterr().out
-    assert code == 0, stdout + "".join(open(f).read() for f in sorted(out.glob("*.log")))
+    r = run_script("benchmarks/gpu_check.py", "--out", str(out), "--data-dir", str(tmp_path / "fashion"),
+                   "--device", "cpu", "--epochs", "1", "--subset", "64", "--batch-size", "32",
+                   "--extra", "--width 8 --proj-dim 16", "--runs", "simclr-torchrun,simsiam-fp16",
+                   "--throughput", "--device cpu --images 32 --batch-size 16 --size 8 --steps 1 --warmup-steps 0 "
+                                   "--workers 0 --knn-bank 32 --knn-queries 16 --methods simclr --skip-pil")
+    stdout = r.stdout
+    assert r.returncode == 0, r.stdout + r.stderr
     result = json.load(open(out / "gpu_check.json"))
     assert result["cuda"] is False and "simclr" in result["throughput"]["methods"]
     assert sorted(result["runs"]) == ["simclr-torchrun", "simsiam-fp16"]

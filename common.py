@@ -413,7 +413,6 @@ def lr_factor(step, total, warmup):
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr
-    return lr
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -681,36 +680,17 @@ def end_epoch(run, model, optimizer, epoch):
     with open(os.path.join(run.folder, "metrics.jsonl"), "a") as fh:
         fh.write(json.dumps(line) + "\n")
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()), flush=True)
-    warn_collapse(line, z, done)
     ckpt = {"format": FORMAT, "method": run.method, "args": dataclasses.asdict(args), "epoch": done,
             "step": done * run.steps_per_epoch, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
             "data_stats": [run.mean, run.std],
-            "num_classes": run.data.num_classes, "img_size": run.data.size, "metrics": line,
-            "vit_heads": VITS[args.arch][1] if args.arch in VITS else None}
+            "num_classes": run.data.num_classes, "img_size": run.data.size, "metrics": line}
     save_atomic(ckpt, os.path.join(run.folder, "last.pt"))
     safety.STATUS["saved"] = done
     if args.save_every and done % args.save_every == 0:
         save_atomic(ckpt, os.path.join(run.folder, f"epoch{done}.pt"))
     run.last_line = line
     return line
-
-
-COLLAPSE_RATIO = 0.1  # warn when the std of the normalized embeddings is below 1/10 of 1/sqrt(D)
-
-
-def warn_collapse(line, z, epoch):
-    """A collapsed embedding has near-zero spread on the sphere: the per-dimension std of the normalized
-    embeddings falls far below a spread-out one's 1/sqrt(D) (SimSiam paper, Fig. 2)."""
-    if z is None or "collapse_std" not in line:
-        return
-    healthy = 1 / math.sqrt(z.shape[1])
-    if line["collapse_std"] < COLLAPSE_RATIO * healthy:
-        print(f"warning: the embeddings look collapsed at epoch {epoch}: the per-dimension std of the normalized "
-              f"embeddings is {line['collapse_std']:.2g}, below {COLLAPSE_RATIO:g} x 1/sqrt({z.shape[1]}) = "
-              f"{COLLAPSE_RATIO * healthy:.2g}, effective rank {line.get('effective_rank', float('nan')):.1f} of "
-              f"{min(z.shape)}. Usual causes: --lr too high, --wd too large, or a --cut too large for the "
-              "number of epochs", file=sys.stderr, flush=True)
 
 
 def finish(run, model):

@@ -56,8 +56,6 @@ def load_dataset(name, data_dir, download=False, subset=0):
     loaders = dict(cifar10=_cifar, cifar100=_cifar, fashionmnist=_fashionmnist, tinyimagenet=_tinyimagenet,
                    imagenet100=_imagenet100, flowers102=_flowers102, synthetic=_synthetic)
     base = name[:-3] if name in LONG_TAIL else name
-    if base not in loaders:
-        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     (train_x, train_y), (test_x, test_y) = loaders[base](base, data_dir, download)
     for split, y in (("training", train_y), ("test", test_y)):
         if not len(y):

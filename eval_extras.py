@@ -67,15 +67,12 @@ def load_human_labels(path):
     return obj
 
 
-def label_array(obj, key, path, n, num_classes):
+def label_array(obj, key, path, n):
     v = obj.get(key)
     if not isinstance(v, np.ndarray) or v.ndim != 1 or v.dtype.kind not in "iu" or len(v) != n:
         found = f"{v.dtype} array of shape {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
         raise safety.UsageError(f"{path} should hold '{key}', {n} integer labels, but has {found}; "
                                 "is it the file for this dataset?")
-    if n and (v.min() < 0 or v.max() >= num_classes):
-        raise safety.UsageError(f"'{key}' in {path} has labels outside 0..{num_classes - 1}; "
-                                "is it the file for the other CIFAR?")
     return torch.from_numpy(v.astype(np.int64))
 
 
@@ -95,10 +92,10 @@ def load_human_probs(path, n, num_classes=10):
 
 def read_human(dataset, folder, train_y, test_y):
     """((path, human, clean) of CIFAR-N, (path, probs) of CIFAR-10H or None), checked to be in run order."""
-    paths, num_classes = human_paths(dataset, folder), {"cifar10": 10, "cifar100": 100}[dataset]
+    paths = human_paths(dataset, folder)
     obj = load_human_labels(paths[0])
-    clean = label_array(obj, "clean_label", paths[0], len(train_y), num_classes)
-    human = label_array(obj, HUMAN_LABEL[dataset], paths[0], len(train_y), num_classes)
+    clean = label_array(obj, "clean_label", paths[0], len(train_y))
+    human = label_array(obj, HUMAN_LABEL[dataset], paths[0], len(train_y))
     if not torch.equal(clean, train_y):
         raise safety.UsageError(f"clean_label in {paths[0]} is not the {dataset} training labels in order ("
                                 f"{(clean != train_y).float().mean():.1%} differ); is it the file for this dataset?")
@@ -203,8 +200,6 @@ CURVES = {"loss": ("training loss", "loss (mean over the epoch's steps)"),  # me
 
 def read_metrics(path):
     """A run's metrics.jsonl, a row per epoch (of one logged twice by a resume, the later); damaged lines skipped."""
-    if not os.path.exists(path):
-        raise safety.UsageError(f"run {path} does not exist; pass run folders written by a method script")
     file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise safety.UsageError(f"{path} has no metrics.jsonl; pass a run folder that has trained at least one epoch")

@@ -385,9 +385,6 @@ def check_checkpoint(ckpt, path):
     if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):  # never saved by a run
         raise UsageError(f"{path} holds NaN or infinite weights (its run diverged); use an earlier checkpoint, e.g. "
                          "one of its epoch<N>.pt")
-    if ckpt["args"].get("arch") == "vit_small" and ckpt.get("vit_heads") is None:  # the heads change no shape
-        print(f"warning: {path} does not record its ViT's heads: it gets vit_small's 12 (6 before 2026-12-06, when "
-              "its features would be wrong)", file=sys.stderr)
     return ckpt
 
 

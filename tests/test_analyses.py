@@ -225,7 +225,7 @@ def test_compare_tables_and_resumed_epochs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
+    (None, "has no metrics.jsonl"),  # a run folder that was never written
     ("", "is empty"),
     ('not json\n[1, 2]\n', "has no readable metrics line \\(2 damaged\\)"),  # one damaged line is skipped
 ])

@@ -106,20 +106,6 @@ def test_eval_knn_refuses_nan_weights(tiny_run, tmp_path, capsys):
     assert code == 2 and "holds NaN or infinite weights (its run diverged)" in error, error
 
 
-def test_a_vit_small_checkpoint_without_its_head_count_is_flagged(tiny_run, capsys):
-    """6 or 12 heads change no weight shape, so a vit_small checkpoint from before the 12-head change would
-    load without a complaint; one that records no head count gets a warning. (The run is a ResNet's:
-    the check reads only the checkpoint's fields, so relabelling its arch is enough.)"""
-    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
-    assert "vit_heads" in ckpt and ckpt["vit_heads"] is None  # the scripts record it, None for a ResNet
-    for arch, heads, warned in [("resnet18", None, False), ("vit_small", 12, False), ("vit_small", None, True)]:
-        ckpt["args"]["arch"], ckpt["vit_heads"] = arch, heads
-        safety.check_checkpoint(ckpt, "x.pt")
-        err = capsys.readouterr().err
-        assert ("warning: x.pt does not record its ViT's heads: it gets vit_small's 12 (6 before 2026-12-06"
-                in err) is warned, err
-
-
 def test_simulate_with_an_unwritable_out_is_one_sentence(tmp_path):
     from conftest import run_main
     import simulate

@@ -99,6 +99,9 @@ def read_human(dataset, folder, train_y, test_y):
     if not torch.equal(clean, train_y):
         raise safety.UsageError(f"clean_label in {paths[0]} is not the {dataset} training labels in order ("
                                 f"{(clean != train_y).float().mean():.1%} differ); is it the file for this dataset?")
+    if len(human) and not 0 <= human.min() <= human.max() <= clean.max():
+        raise safety.UsageError(f"'{HUMAN_LABEL[dataset]}' in {paths[0]} has labels of no {dataset} class; "
+                                "download it again")
     if dataset != "cifar10":
         return (paths[0], human, clean), None
     probs = load_human_probs(paths[1], len(test_y))

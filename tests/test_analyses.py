@@ -14,7 +14,6 @@ from PIL import Image
 from conftest import run_main
 
 import safety
-import datasets
 import eval_extras as ex
 import eval_knn as ek
 import simclr

@@ -191,6 +191,9 @@ def test_human_confidence_reads_checks_and_bins(tmp_path):
         ek.human_confidence("cifar10", str(tmp_path), train_norms, train_y.flip(0), test_norms, test_y)
     with pytest.raises(safety.UsageError, match="not in CIFAR-10 test order"):
         ek.human_confidence("cifar10", str(tmp_path), train_norms, train_y, test_norms, (test_y + 1) % 10)
+    write_cifar10n(tmp_path, train_y.numpy(), np.where(aggre.numpy() == 3, -1, aggre.numpy()))  # a damaged file
+    with pytest.raises(safety.UsageError, match="'aggre_label' in .* has labels of no cifar10 class; download it"):
+        ek.human_confidence("cifar10", str(tmp_path), train_norms, train_y, test_norms, test_y)
     with pytest.raises(safety.UsageError, match=f"should hold 'clean_label', {n_train + 1} integer labels"):
         ek.human_confidence("cifar10", str(tmp_path), torch.rand(n_train + 1), torch.zeros(n_train + 1), test_norms,
                             test_y)

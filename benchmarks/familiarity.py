@@ -353,29 +353,49 @@ def table(result, laptop=None):
 
 
 def figure(rows, path):
-    """Left: relative norm of the repeated images against k, per seed, both spaces. Right: held-out AUROC."""
+    """Three panels, one per claim of the grid that a plot shows best, each titled with the claim's effect:
+    frequency (relative norm against k), novelty (AUROC per row and set), GradScale (k-NN per epoch)."""
     if (plt := pyplot()) is None:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    effect = {c["key"]: c["evidence"] for c in claims(rows)}
+    headline = lambda key, unit="": (f"{effect[key]['mean']:+.3g} ± {effect[key]['std'] or 0:.2g}{unit} "
+                                     f"({effect[key]['seeds']} seeds)" if effect[key]["seeds"] else "no runs yet")
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.6))
     for i, seed in enumerate(sorted({r["seed"] for r in rows if r["name"] in REPEATS})):
         for space, style, marker in (("loss", "-", "o"), ("backbone", "--", "s")):
-            ks = [k for n, k in REPEATS.items() if any(r["name"] == n and r["seed"] == seed for r in rows)]
-            ys = [r["familiarity"][space]["relative"] for k in ks for r in rows
-                  if r["name"] == f"rep-k{k}" and r["seed"] == seed]
-            left.plot(ks, ys, style, marker=marker, color=f"C{i}", label=f"seed {seed}, {space}")
+            done = [(k, r) for n, k in REPEATS.items() for r in rows if r["name"] == n and r["seed"] == seed]
+            left.plot([k for k, _ in done], [r["familiarity"][space]["relative"] for _, r in done], style,
+                      marker=marker, color=f"C{i}", label=f"seed {seed}, {space}")
+    sizes = next((r["data"] for r in rows if r["name"] in REPEATS), None)
+    n = f"; {round(sizes['fraction'] * sizes['images']):,} repeated of {sizes['images']:,} images" if sizes else ""
     left.axhline(1, color="grey", lw=0.8)
     left.set_xscale("log", base=2)
     left.set_xticks(list(REPEATS.values()), [str(k) for k in REPEATS.values()])
-    left.set(xlabel="times each repeated image is in the training set (k)",
-             ylabel="mean norm, repeated / other images", title="Frequency without a change of content")
+    left.set(xlabel="copies of each repeated image in the training set, k (count)",
+             ylabel="mean norm, repeated / other images (ratio)",
+             title=f"Frequency alone{n}\nk = 16 minus k = 1, loss space: {headline('frequency')}")
     left.legend(fontsize=7)
     names = [n for n in ("base", "passes", "width32") if any(r["name"] == n for r in rows)]
-    for i, n in enumerate(names):
-        ys = list(by_seed(rows, n, lambda r: r["novelty"]["unseen classes"]["auroc"]).values())
-        right.scatter([i] * len(ys), ys, color="C0")
-    right.axhline(0.5, color="grey", lw=0.8)
-    right.set_xticks(range(len(names)), names)
-    right.set(ylabel="AUROC: test vs held-out classes 8, 9", title="Novelty (Fig. 3): > 0.5 when unseen are smaller")
+    for j, (shift, label) in enumerate(((-0.1, "unseen classes"), (0.1, "vflip"))):
+        for i, name in enumerate(names):
+            ys = list(by_seed(rows, name, lambda r: r["novelty"][label]["auroc"]).values())
+            middle.scatter([i + shift] * len(ys), ys, color=f"C{j}", label=label if i == 0 else None)
+    middle.axhline(0.5, color="grey", lw=0.8)
+    middle.set_xticks(range(len(names)), names)
+    middle.set(xlabel="grid row (one point per seed)", ylabel="AUROC of the norm, test images vs the set",
+               title=f"Novelty (Fig. 3): > 0.5 where the set's norms are smaller\nthe smaller AUROC minus 0.5, "
+                     f"base: {headline('novelty')}")
+    middle.legend(fontsize=7, title="set (held out: classes 8, 9)", title_fontsize=7)
+    for j, name in enumerate(("p1", "lr0.05")):
+        for i, r in enumerate(r for r in rows if r["name"] == name):
+            label = f"{name} ({'--power 1' if name == 'p1' else 'no GradScale'})" if i == 0 else None
+            right.plot(range(1, len(r["knn_per_epoch"]) + 1), r["knn_per_epoch"], color=f"C{j}", marker=".",
+                       lw=1, label=label)
+    right.axhline(KNN_TARGET, color="grey", lw=0.8)
+    right.set(xlabel="epoch", ylabel="k-NN top-1 on the test set (%)",
+              title=f"GradScale (Sec. 6), lr 0.05 both, one line per seed\nfinal k-NN, p1 minus lr0.05: "
+                    f"{headline('gradscale', ' points')}")
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -110,7 +110,8 @@ def test_one_tiny_run_writes_its_row_and_claims_and_is_not_run_again(tmp_path, c
         for space in row["familiarity"].values():
             assert space["relative"] > 0 and 0 <= space["auroc"] <= 1
         assert {"vflip", "noise"} <= set(row["novelty"]) and row["torch"] == torch.__version__
-        assert [c["key"] for c in result["claims"]] == ["frequency", "novelty", "norm-accuracy", "gradscale"]
+        assert [c["key"] for c in result["claims"]] == ["frequency", "novelty", "norm-accuracy", "gradscale",
+                                                          "gradscale-step"]
         capsys.readouterr()
         again = fam.main(argv)  # the row is in the json: nothing trains
         assert again["rows"] == result["rows"] and "OMP_NUM_THREADS" not in capsys.readouterr().out
@@ -132,7 +133,7 @@ def test_the_figure_titles_each_claim_with_its_effect(tmp_path, monkeypatch):
     rows += [{"name": "base", "seed": s, "commands": [],
               "novelty": {"unseen classes": {"auroc": 0.6 + s / 100}, "vflip": {"auroc": 0.7}}} for s in (0, 1, 2)]
     rows += [{"name": n, "seed": s, "commands": [], "knn_per_epoch": [50.0, 60.0, 62.0 + (n == "p1") * (s + 1)],
-              "knn_top1": 62.0 + (n == "p1") * (s + 1)} for n in ("p1", "lr0.05") for s in (0, 1)]
+              "knn_top1": 62.0 + (n == "p1") * (s + 1)} for n in ("p1", "lr0.05", "lr0.08") for s in (0, 1)]
     saved = []
     import matplotlib.figure
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append((fig, path)))
@@ -140,11 +141,12 @@ def test_the_figure_titles_each_claim_with_its_effect(tmp_path, monkeypatch):
     [(fig, path)] = saved
     left, middle, right = fig.axes
     # Frequency: k = 16 minus k = 1 is 0.02, 0.04, 0.06 over seeds 0-2.
-    assert left.get_title() == "Frequency alone; 500 repeated of 5,000 images\nk = 16 minus k = 1, loss space: " \
-                               "+0.04 ± 0.02 (3 seeds)"
+    assert left.get_title() == "Frequency alone; 500 repeated of 5,000 images.\nRelative norm at k = 16 minus at " \
+                               "k = 1,\nloss space: +0.04 ± 0.02 (3 seeds)"
     assert len(left.lines) == 3 * 2 + 1  # a line per seed and space, and the ratio 1
     # Novelty: the smaller AUROC is the unseen classes' 0.60, 0.61, 0.62.
     assert "base: +0.11 ± 0.01 (3 seeds)" in middle.get_title()
     assert [len(c.get_offsets()) for c in middle.collections] == [3, 3]
-    assert right.get_title().endswith("p1 minus lr0.05: +1.5 ± 0.71 points (2 seeds)")
-    assert len(right.lines) == 4 + 1  # a line per run, and the target accuracy
+    assert right.get_title().endswith("p1 minus lr0.05: +1.5 ± 0.71 points (2 seeds)\np1 minus lr0.08: +1.5 ± 0.71 "
+                                      "points (2 seeds)")
+    assert len(right.lines) == 6 + 1  # a line per run, and the target accuracy

@@ -150,3 +150,15 @@ def test_the_figure_titles_each_claim_with_its_effect(tmp_path, monkeypatch):
     assert right.get_title().endswith("p1 minus lr0.05: +1.5 ± 0.71 points (2 seeds)\np1 minus lr0.08: +1.5 ± 0.71 "
                                       "points (2 seeds)")
     assert len(right.lines) == 6 + 1  # a line per run, and the target accuracy
+
+
+def test_the_readme_claims_table_is_the_one_the_results_give():
+    """README's table between its markers is `familiarity.py --table` on the committed json files, to the byte."""
+    fam = load("familiarity")
+    results = os.path.join(ROOT, "results")
+    made = fam.table(fam.load(os.path.join(results, "laptop-familiarity.json")),
+                     fam.load(os.path.join(results, "laptop.json")))
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = readme.index("<!-- claims: python benchmarks/familiarity.py --table -->\n")
+    shown = readme[readme.index("\n", start) + 1: readme.index("<!-- /claims -->")]
+    assert shown == made + "\n"

@@ -369,8 +369,8 @@ def figure(rows, path):
                                      f"({effect[key]['seeds']} seeds)" if effect[key]["seeds"] else "no runs yet")
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 5))
     for i, seed in enumerate(sorted({r["seed"] for r in rows if r["name"] in REPEATS})):
+        done = [(k, r) for n, k in REPEATS.items() for r in rows if r["name"] == n and r["seed"] == seed]
         for space, style, marker in (("loss", "-", "o"), ("backbone", "--", "s")):
-            done = [(k, r) for n, k in REPEATS.items() for r in rows if r["name"] == n and r["seed"] == seed]
             left.plot([k for k, _ in done], [r["familiarity"][space]["relative"] for _, r in done], style,
                       marker=marker, color=f"C{i}", label=f"seed {seed}, {space}")
     sizes = next((r["data"] for r in rows if r["name"] in REPEATS), None)
